@@ -1,0 +1,3 @@
+"""kbricks: modular knowledge transfer between neural networks (KF, SupSup/ImpressLearn, SSKT and baselines)."""
+
+__version__ = "0.1.0"

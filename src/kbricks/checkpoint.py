@@ -1,0 +1,110 @@
+"""Checkpoints: plain containers written atomically, loaded with ``weights_only=True``; safetensors for sharing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Mapping
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+FORMAT = "kbricks-checkpoint-v1"
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write via a temp file in the same directory, fsync, then rename: a crash never leaves a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
+    payload = {"format": FORMAT, **state}
+    atomic_write_bytes(Path(path), lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a kbricks checkpoint ({first})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a kbricks checkpoint (no {FORMAT!r} marker)")
+    return state
+
+
+def load_state_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str = "model") -> None:
+    """``load_state_dict`` with a readable error listing missing/unexpected keys and shape mismatches."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes[:3]))
+        raise CheckpointError(f"checkpoint does not match the {what}: " + ", ".join(parts))
+    module.load_state_dict(state_dict)
+
+
+def remap_prefix(state_dict: Mapping[str, torch.Tensor], old: str, new: str = "") -> Dict[str, torch.Tensor]:
+    """Rename keys ``old...`` -> ``new...`` (e.g. strip ``module.`` from DDP or ``classifier.`` from mmcls)."""
+    return {(new + k[len(old):]) if k.startswith(old) else k: v for k, v in state_dict.items()}
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Dict[str, str] | None = None) -> None:
+    from safetensors.torch import save
+
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(Path(path), lambda f: f.write(data))
+
+
+def load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"weights file {str(path)!r} does not exist")
+    try:
+        return load(path.read_bytes())
+    except Exception as exc:
+        raise CheckpointError(f"weights file {str(path)!r} is corrupt or not safetensors ({exc})") from None
+
+
+def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Content hash of a state dict (names, dtypes, shapes and values), order-independent."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]

@@ -1,0 +1,217 @@
+"""Run configuration: YAML -> pydantic models with unknown keys rejected, plus ``-o a.b=c`` overrides.
+
+Each method declares its own ``Config`` (next to its loss); ``method.*`` keys are validated against it, so a
+typo anywhere fails with the full key path, e.g. ``method.temprature: unknown key``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TasksConfig(Strict):
+    """Exactly one of: ``split`` (k consecutive class groups), ``partition`` (explicit class lists),
+    ``latents`` (one task per named latent factor, e.g. dSprites)."""
+
+    split: Optional[int] = Field(None, ge=1)
+    partition: Optional[List[List[int]]] = None
+    latents: Optional[List[str]] = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "TasksConfig":
+        given = [k for k in ("split", "partition", "latents") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of split / partition / latents (got {given or 'none'})")
+        return self
+
+
+class AugmentConfig(Strict):
+    crop_padding: int = Field(0, ge=0)
+    hflip: bool = False
+    normalize: bool = True  # per-channel mean/std measured on the training set
+
+
+class DataConfig(Strict):
+    name: str
+    root: Optional[str] = None
+    kwargs: Dict[str, Any] = Field(default_factory=dict)
+    tasks: Optional[TasksConfig] = None
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train_subset: Optional[int] = Field(None, ge=1, description="keep the first N training samples (after the seeded split)")
+
+
+class ModelConfig(Strict):
+    name: str
+    kwargs: Dict[str, Any] = Field(default_factory=dict)
+
+
+class MethodConfig(BaseModel):
+    """``name`` picks the method; the other keys are that method's own options (validated by it)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "supervised"
+
+    def params(self) -> Dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class OptimConfig(Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    milestones: List[int] = Field(default_factory=list)
+    gamma: float = 0.1
+    scale_lr_with_world_size: bool = False  # linear scaling rule for DDP
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1, description="per process")
+    eval_batch_size: int = Field(512, ge=1)
+    eval_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(1, ge=1)
+    max_steps_per_epoch: Optional[int] = Field(None, ge=1)
+    grad_clip: Optional[float] = Field(None, gt=0)
+    device: str = "auto"
+    deterministic: bool = False
+    num_threads: Optional[int] = Field(None, ge=1)
+    progress: Literal["auto", "on", "off"] = "auto"
+    plots: bool = True
+
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v):  # YAML reads a bare on/off as a boolean
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    seed: int = 0
+    out_dir: str = "runs"
+    data: DataConfig
+    model: ModelConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(err["loc"]))
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            got = err.get("input")
+            msg = f"{err['msg']} (got {got!r})" if not isinstance(got, dict) else err["msg"]
+        lines.append(f"{path or '<root>'}: {msg}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def parse_override(text: str) -> tuple:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
+    return key, value
+
+
+def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    out = copy.deepcopy(data)
+    for text in overrides:
+        key, value = parse_override(text)
+        node = out
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[:i + 1])} is not a mapping")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: Path) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def build_config(data: Dict[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
+    merged = apply_overrides(data, overrides)
+    try:
+        cfg = RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    validate_names(cfg)
+    validate_method_params(cfg)
+    return cfg
+
+
+def validate_names(cfg: RunConfig) -> None:
+    """Fail at load time (not mid-run) on unknown dataset/model names or constructor arguments."""
+    from .data import DATASETS
+    from .models import MODELS
+    from .registry import check_kwargs
+
+    data_kwargs = dict(cfg.data.kwargs, **({"root": cfg.data.root} if cfg.data.root is not None else {}))
+    check_kwargs(DATASETS.get(cfg.data.name), data_kwargs, f"dataset {cfg.data.name!r} (data.kwargs / data.root)")
+    auto = {"num_classes": 0, "in_channels": 1, "image_size": 1}
+    reserved = sorted(set(auto) & set(cfg.model.kwargs))
+    if reserved:
+        raise ConfigError(f"model.kwargs must not set {reserved}: they are taken from the data")
+    check_kwargs(MODELS.get(cfg.model.name), {**auto, **cfg.model.kwargs}, f"model {cfg.model.name!r} (model.kwargs)")
+
+
+def load_config(path, overrides: Sequence[str] = ()) -> RunConfig:
+    return build_config(read_yaml(Path(path)), overrides)
+
+
+def validate_method_params(cfg: RunConfig):
+    """Check ``method.*`` against the chosen method's own Config; returns the parsed params."""
+    from .methods import METHODS  # late import: methods import config
+
+    method_cls = METHODS.get(cfg.method.name)
+    try:
+        return method_cls.Config.model_validate(cfg.method.params())
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, prefix="method")) from None
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,23 @@
+"""Datasets (embedded, procedural, on-disk), tasks and per-batch augmentations. Nothing is downloaded."""
+
+from . import dsprites, embedded, formats  # noqa: F401  (registers datasets)
+from .augment import BatchAugment, channel_stats, normalize, random_crop, random_hflip
+from .base import ArrayDataset, DataSplits, stratified_split
+from .registry import DATASETS
+from .tasks import Task, build_tasks, class_partition, latent_tasks, split_classes
+
+
+def load_dataset(name: str, **kwargs) -> DataSplits:
+    """``load_dataset("digits")`` -> DataSplits(train, test). Unknown names list the valid ones."""
+    return DATASETS.create(name, **kwargs)
+
+
+def list_datasets(pattern: str = "*"):
+    return DATASETS.names(pattern)
+
+
+__all__ = [
+    "ArrayDataset", "DataSplits", "Task", "BatchAugment", "DATASETS", "build_tasks", "class_partition",
+    "latent_tasks", "split_classes", "load_dataset", "list_datasets", "channel_stats", "normalize",
+    "random_crop", "random_hflip", "stratified_split",
+]

@@ -1,0 +1,280 @@
+"""Loaders for on-disk formats a user brings: CIFAR python batches, ImageFolder, .npz, MNIST IDX.
+
+The CIFAR batches are pickles; they are read with a restricted unpickler that only rebuilds numpy arrays,
+lists, dicts, strings and numbers, so a malicious file cannot run code.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from .base import ArrayDataset, DataSplits, splits_from_arrays, to_float_images
+from .registry import DATASETS
+
+# (module, name) pairs that a CIFAR batch legitimately references. Everything else is refused.
+_SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # protocol-2 pickles written by Python 3 encode bytes this way
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _SAFE_GLOBALS:
+            raise DataError(
+                f"refusing to unpickle {module}.{name}: only numpy arrays, lists, dicts and scalars "
+                "are allowed in dataset files"
+            )
+        if module.startswith("numpy.core"):
+            module = "numpy._core" + module[len("numpy.core"):]
+        return super().find_class(module, name)
+
+
+def safe_unpickle(path: Path) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return RestrictedUnpickler(f, encoding="bytes").load()
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{path} is not a readable pickle batch: {exc}") from exc
+
+
+def _key(d: Dict[Any, Any], *names: str) -> Any:
+    for n in names:
+        for k in (n, n.encode()):
+            if k in d:
+                return d[k]
+    raise DataError(f"pickle batch has none of the keys {names}; keys present: {list(d)[:10]}")
+
+
+def _existing_dir(root: Optional[str], what: str) -> Path:
+    if root is None:
+        raise DataError(f"{what} needs data.root (a directory on disk); nothing is downloaded")
+    p = Path(root).expanduser()
+    if not p.exists():
+        raise DataError(f"{what}: data path {str(p)!r} does not exist")
+    return p
+
+
+def _read_cifar_batches(files: List[Path], label_key: str) -> tuple:
+    xs, ys = [], []
+    for f in files:
+        batch = safe_unpickle(f)
+        if not isinstance(batch, dict):
+            raise DataError(f"{f} does not hold a dict batch")
+        data = np.asarray(_key(batch, "data"), dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise DataError(f"{f}: 'data' must be N x 3072 uint8, got {data.shape}")
+        xs.append(data.reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(_key(batch, label_key), dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _cifar_dir(root: Path, folder: str) -> Path:
+    return root / folder if (root / folder).is_dir() else root
+
+
+@DATASETS.register("cifar10")
+def cifar10(root: Optional[str] = None) -> DataSplits:
+    base = _cifar_dir(_existing_dir(root, "cifar10"), "cifar-10-batches-py")
+    train_files = sorted(base.glob("data_batch_*"))
+    if not train_files or not (base / "test_batch").exists():
+        raise DataError(f"cifar10: expected data_batch_1..5 and test_batch in {base}")
+    names = [f"class{i}" for i in range(10)]
+    if (base / "batches.meta").exists():
+        meta = safe_unpickle(base / "batches.meta")
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in _key(meta, "label_names")]
+    xtr, ytr = _read_cifar_batches(train_files, "labels")
+    xte, yte = _read_cifar_batches([base / "test_batch"], "labels")
+    return DataSplits(
+        ArrayDataset(torch.from_numpy(to_float_images(xtr)), torch.from_numpy(ytr), names),
+        ArrayDataset(torch.from_numpy(to_float_images(xte)), torch.from_numpy(yte), names),
+        name="cifar10",
+    )
+
+
+@DATASETS.register("cifar100")
+def cifar100(root: Optional[str] = None, label: str = "fine") -> DataSplits:
+    if label not in ("fine", "coarse"):
+        raise DataError(f"cifar100 label must be 'fine' or 'coarse', got {label!r}")
+    base = _cifar_dir(_existing_dir(root, "cifar100"), "cifar-100-python")
+    if not (base / "train").exists() or not (base / "test").exists():
+        raise DataError(f"cifar100: expected 'train' and 'test' files in {base}")
+    n = 100 if label == "fine" else 20
+    names = [f"class{i}" for i in range(n)]
+    if (base / "meta").exists():
+        meta = safe_unpickle(base / "meta")
+        raw = _key(meta, f"{label}_label_names")
+        names = [v.decode() if isinstance(v, bytes) else str(v) for v in raw]
+    key = f"{label}_labels"
+    xtr, ytr = _read_cifar_batches([base / "train"], key)
+    xte, yte = _read_cifar_batches([base / "test"], key)
+    return DataSplits(
+        ArrayDataset(torch.from_numpy(to_float_images(xtr)), torch.from_numpy(ytr), names),
+        ArrayDataset(torch.from_numpy(to_float_images(xte)), torch.from_numpy(yte), names),
+        name=f"cifar100-{label}",
+    )
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _read_image_tree(root: Path, image_size: Optional[int], grayscale: bool, classes=None):
+    try:
+        from PIL import Image
+    except ImportError as exc:  # pragma: no cover
+        raise DataError("imagefolder needs Pillow: pip install 'kbricks[data]'") from exc
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir())
+    if classes is None:
+        classes = [d.name for d in class_dirs]
+    if not classes:
+        raise DataError(f"imagefolder: {root} has no class sub-directories")
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    images, labels = [], []
+    for d in class_dirs:
+        if d.name not in class_to_idx:
+            raise DataError(f"imagefolder: class {d.name!r} in {root} is not among {classes}")
+        for f in sorted(d.iterdir()):
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("L" if grayscale else "RGB")
+                    if image_size is not None:
+                        im = im.resize((image_size, image_size), Image.BILINEAR)
+                    arr = np.asarray(im, dtype=np.uint8)
+            except Exception as exc:
+                raise DataError(f"imagefolder: cannot decode {f}: {exc}") from exc
+            if images and arr.shape != images[0].shape:
+                raise DataError(
+                    f"imagefolder: {f} has shape {arr.shape} but earlier images have {images[0].shape}; "
+                    "set data.kwargs.image_size to resize"
+                )
+            images.append(arr)
+            labels.append(class_to_idx[d.name])
+    if not images:
+        raise DataError(f"imagefolder: no images found under {root}")
+    x = np.stack(images)
+    x = to_float_images(x, layout="NHW" if grayscale else "NHWC")
+    return x, np.asarray(labels, dtype=np.int64), classes
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(
+    root: Optional[str] = None,
+    image_size: Optional[int] = None,
+    grayscale: bool = False,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+) -> DataSplits:
+    """``root/<class>/*.png`` (split with a seeded stratified split) or ``root/{train,test}/<class>/...``."""
+    base = _existing_dir(root, "imagefolder")
+    test_dir = next((base / n for n in ("test", "val") if (base / n).is_dir()), None)
+    if (base / "train").is_dir() and test_dir is not None:
+        xtr, ytr, classes = _read_image_tree(base / "train", image_size, grayscale)
+        xte, yte, _ = _read_image_tree(test_dir, image_size, grayscale, classes)
+        return DataSplits(
+            ArrayDataset(torch.from_numpy(xtr), torch.from_numpy(ytr), classes),
+            ArrayDataset(torch.from_numpy(xte), torch.from_numpy(yte), classes),
+            name="imagefolder",
+        )
+    x, y, classes = _read_image_tree(base, image_size, grayscale)
+    return splits_from_arrays("imagefolder", x, y, classes, test_fraction, split_seed, root=str(base))
+
+
+def _guess_layout(a: np.ndarray) -> str:
+    return "NHWC" if a.ndim == 4 and a.shape[-1] in (1, 3) and a.shape[1] not in (1, 3) else "NCHW"
+
+
+@DATASETS.register("npz")
+def npz(root: Optional[str] = None, test_fraction: float = 0.2, split_seed: int = 0) -> DataSplits:
+    """A ``.npz`` with ``x_train, y_train, x_test, y_test`` (keras convention) or ``x, y``."""
+    path = _existing_dir(root, "npz")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as exc:
+        raise DataError(f"npz: cannot read {path} without pickle: {exc}") from exc
+
+    def classes_for(*ys: np.ndarray) -> List[str]:
+        return [str(i) for i in range(int(max(int(y.max()) for y in ys)) + 1)]
+
+    if {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys():
+        xtr, xte = arrays["x_train"], arrays["x_test"]
+        ytr, yte = arrays["y_train"].astype(np.int64), arrays["y_test"].astype(np.int64)
+        classes = classes_for(ytr, yte)
+        return DataSplits(
+            ArrayDataset(torch.from_numpy(to_float_images(xtr, _guess_layout(xtr))), torch.from_numpy(ytr), classes),
+            ArrayDataset(torch.from_numpy(to_float_images(xte, _guess_layout(xte))), torch.from_numpy(yte), classes),
+            name="npz",
+        )
+    if {"x", "y"} <= arrays.keys():
+        x, y = arrays["x"], arrays["y"].astype(np.int64)
+        return splits_from_arrays(
+            "npz", to_float_images(x, _guess_layout(x)), y, classes_for(y), test_fraction, split_seed
+        )
+    raise DataError(f"npz: {path} needs keys x_train/y_train/x_test/y_test or x/y; found {sorted(arrays)}")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file (MNIST format), optionally gzip-compressed."""
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path} is not an IDX file (bad magic number)")
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if raw[2] not in dtypes:
+        raise DataError(f"{path}: unknown IDX element type 0x{raw[2]:02x}")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int).tolist()
+    data = np.frombuffer(raw, dtype=dtypes[raw[2]], offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path}: header says {dims} but holds {data.size} values (truncated?)")
+    return data.reshape(dims)
+
+
+def _find(base: Path, stem: str) -> Path:
+    for cand in (base / stem, base / (stem + ".gz")):
+        if cand.exists():
+            return cand
+    raise DataError(f"mnist_idx: missing {stem}[.gz] in {base}")
+
+
+@DATASETS.register("mnist_idx")
+def mnist_idx(root: Optional[str] = None) -> DataSplits:
+    """The four MNIST/Fashion-MNIST IDX files (``train-images-idx3-ubyte`` ... , optionally ``.gz``)."""
+    base = _existing_dir(root, "mnist_idx")
+    parts = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        x = read_idx(_find(base, f"{prefix}-images-idx3-ubyte"))
+        y = read_idx(_find(base, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+        if x.shape[0] != y.shape[0]:
+            raise DataError(f"mnist_idx: {split} has {x.shape[0]} images but {y.shape[0]} labels")
+        parts[split] = (x, y)
+    classes = [str(i) for i in range(int(max(parts["train"][1].max(), parts["test"][1].max())) + 1)]
+    return DataSplits(
+        *(
+            ArrayDataset(torch.from_numpy(to_float_images(x)), torch.from_numpy(y), classes)
+            for x, y in (parts["train"], parts["test"])
+        ),
+        name="mnist_idx",
+    )
+
+
+__all__ = ["RestrictedUnpickler", "safe_unpickle", "read_idx"]

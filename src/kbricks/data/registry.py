@@ -1,0 +1,3 @@
+from ..registry import Registry
+
+DATASETS = Registry("dataset")

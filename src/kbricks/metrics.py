@@ -1,0 +1,68 @@
+"""Evaluation metrics (pure functions), kept separate from where they are logged."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+
+from . import dist
+from .data import ArrayDataset, Task
+
+
+def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    if targets.numel() == 0:
+        return float("nan")
+    return (logits.argmax(1) == targets).float().mean().item()
+
+
+def correct_counts(pred, y: torch.Tensor, latents, tasks: Sequence[Task], num_classes: int) -> torch.Tensor:
+    """Per-batch counts as one tensor: [overall_correct, overall_n, (task_correct, task_n) * T].
+
+    For a single head over all classes, a class task's accuracy is task-aware: argmax over that task's classes
+    among that task's samples. For multi-head output (a list), task t's head is compared with its own labels.
+    """
+    out: List[float] = []
+    if isinstance(pred, (list, tuple)):
+        per = []
+        for t, logits in zip(tasks, pred):
+            target = t.local_labels(y, latents)
+            per += [(logits.argmax(1) == target).sum().item(), float(target.numel())]
+        # overall = mean over tasks, stored as sums so the reduction stays exact
+        out = [sum(per[0::2]) , sum(per[1::2])] + per
+    else:
+        out = [(pred.argmax(1) == y).sum().item(), float(y.numel())]
+        for t in tasks:
+            if t.classes is None:
+                out += [0.0, 0.0]
+                continue
+            member = t.member_mask(y)
+            cls = torch.tensor(t.classes, dtype=torch.long, device=pred.device)
+            local = pred[member][:, cls].argmax(1)
+            out += [(local == t.local_labels(y[member])).sum().item(), float(member.sum().item())]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@torch.no_grad()
+def evaluate(method, ds: ArrayDataset, tasks: Sequence[Task], transform, device, batch_size: int = 512) -> Dict[str, float]:
+    """Accuracy over ``ds`` (sharded across ranks, counts all-reduced) plus per-task accuracy."""
+    was_training = method.training
+    method.eval()
+    r, w = dist.rank(), dist.world_size()
+    totals = torch.zeros(2 + 2 * len(tasks), dtype=torch.float64)
+    idx_all = torch.arange(r, len(ds), w)
+    for start in range(0, len(idx_all), batch_size):
+        idx = idx_all[start:start + batch_size]
+        x = transform(ds.x[idx].to(device), train=False)
+        y = ds.y[idx].to(device)
+        lat = ds.latents[idx].to(device) if ds.latents is not None else None
+        totals += correct_counts(method.predict(x), y, lat, tasks, ds.num_classes)
+    totals = dist.all_reduce_sum(totals)
+    method.train(was_training)
+    metrics = {"acc": (totals[0] / totals[1].clamp_min(1)).item()}
+    if len(tasks) > 1 or tasks[0].kind == "latent":
+        for i, t in enumerate(tasks):
+            c, n = totals[2 + 2 * i], totals[3 + 2 * i]
+            if n > 0:
+                metrics[f"acc_{t.name}"] = (c / n).item()
+    return metrics

@@ -1,0 +1,67 @@
+"""Plots generated from metrics files (never from live training state), so they can be redrawn any time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(rows: List[Dict[str, Any]], path: Path, title: str = "") -> Optional[Path]:
+    """Training losses (left) and test accuracies (right) against epoch."""
+    if not rows:
+        return None
+    try:
+        plt = _pyplot()
+    except ImportError:  # matplotlib is an optional extra
+        return None
+    epochs = [r["epoch"] for r in rows]
+    loss_keys = sorted({k for r in rows for k in r if k.startswith("train/")})
+    acc_keys = sorted({k for r in rows for k in r if k.startswith("test/acc")})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for k in loss_keys:
+        ax1.plot(epochs, [r.get(k, float("nan")) for r in rows], label=k.split("/", 1)[1])
+    ax1.set_xlabel("epoch"), ax1.set_ylabel("loss"), ax1.set_yscale("log"), ax1.legend(fontsize=7)
+    for k in acc_keys:
+        xs = [r["epoch"] for r in rows if k in r]
+        ax2.plot(xs, [100 * r[k] for r in rows if k in r], marker=".", label=k.split("/", 1)[1])
+    ax2.set_xlabel("epoch"), ax2.set_ylabel("test accuracy (%)"), ax2.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_matrix(matrix: Sequence[Sequence[float]], path: Path, title: str = "", xlabel: str = "", ylabel: str = "") -> Optional[Path]:
+    """A heatmap with the values written in each cell (e.g. a continual-learning accuracy matrix)."""
+    try:
+        plt = _pyplot()
+    except ImportError:
+        return None
+    import numpy as np
+
+    m = np.asarray(matrix, dtype=float)
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * m.shape[1], 1 + 0.5 * m.shape[0]))
+    im = ax.imshow(m, cmap="viridis", vmin=np.nanmin(m), vmax=np.nanmax(m))
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if not np.isnan(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", fontsize=7, color="w")
+    ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,27 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def tiny_cfg():
+    """A digits MLP config that trains in about a second."""
+    from kbricks.config import build_config
+
+    def make(**over):
+        data = {
+            "name": "tiny",
+            "seed": 0,
+            "data": {"name": "digits", "train_subset": 256},
+            "model": {"name": "mlp", "kwargs": {"hidden": [32]}},
+            "optim": {"name": "sgd", "lr": 0.1},
+            "train": {"epochs": 2, "batch_size": 32, "progress": "off", "plots": False},
+        }
+        return build_config(data, [f"{k}={v}" for k, v in over.items()])
+
+    return make

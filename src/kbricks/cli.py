@@ -34,7 +34,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
 
-    result = evaluate_run(Path(args.run_dir), checkpoint=args.checkpoint)
+    result = evaluate_run(Path(args.run_dir), checkpoint=args.checkpoint, baseline=args.baseline)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -57,6 +57,65 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_assemble(args: argparse.Namespace) -> int:
+    from .bricks import assemble, save_assembled
+
+    net = assemble(args.ckn, args.tsn)
+    path = save_assembled(net, Path(args.out))
+    result: dict = {"assembled": str(path), "tasks": [t.name for t in net.tasks], "classes": net.classes or None}
+    if args.evaluate:
+        result.update(evaluate_assembled(net))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def evaluate_assembled(net) -> dict:
+    """Accuracy of an assembled network (and of its teacher) on the test split its CKN was trained on."""
+    import torch
+
+    from .config import DataConfig
+    from .data import build_tasks
+    from .kf_report import Predictor, teacher_predictor
+    from .metrics import evaluate
+    from .teachers import load_frozen
+    from .trainer import build_transform, load_data
+
+    prov = net.manifests[0]["provenance"]
+
+    class _Cfg:  # the subset of RunConfig that load_data/build_transform read
+        data = DataConfig.model_validate(prov["data"])
+
+    data = load_data(_Cfg)
+    transform = build_transform(_Cfg, data.train)
+    test = data.test
+    if net.is_class_union:
+        test = test.subset(torch.isin(test.y, torch.tensor(net.classes)).nonzero().squeeze(1))
+    out = {f"assembled/{k}": v for k, v in evaluate(Predictor(net), test, net.tasks, transform, torch.device("cpu")).items()}
+    teacher = load_frozen(prov["teacher"], {"mean": transform.mean, "std": transform.std} if transform.mean else None)
+    if net.is_class_union:  # the teacher restricted to the same classes
+        cls = torch.tensor(net.classes)
+        full = teacher_predictor(teacher, build_tasks(None, data.train))
+
+        def restricted(x):
+            s = full.predict(x)
+            masked = torch.full_like(s, float("-inf"))
+            masked[:, cls] = s[:, cls]
+            return masked
+
+        out["teacher/acc"] = evaluate(Predictor(restricted), test, net.tasks, transform, torch.device("cpu"))["acc"]
+    else:
+        out.update({f"teacher/{k}": v for k, v in evaluate(teacher_predictor(teacher, net.tasks), test, net.tasks, transform, torch.device("cpu")).items()})
+    return out
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from .studies import run_kf_study
+
+    summary = run_kf_study(args.dataset, args.seeds, Path(args.out), quick=args.quick)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kbricks", description="Modular knowledge transfer between neural networks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -71,7 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a finished or running run directory")
     e.add_argument("run_dir")
     e.add_argument("--checkpoint", choices=["last", "best"], default="last")
+    e.add_argument("--baseline", help="KF runs: run directory of a KD student to compare with")
     e.set_defaults(func=_cmd_evaluate)
+
+    a = sub.add_parser("assemble", help="combine a CKN brick and TSN bricks into one network, without fine-tuning")
+    a.add_argument("ckn", help="the CKN brick manifest (bricks/ckn.json)")
+    a.add_argument("tsn", nargs="+", help="TSN brick manifests (bricks/tsn-<task>.json)")
+    a.add_argument("--out", required=True, help="directory for assembled.safetensors + assembled.json")
+    a.add_argument("--evaluate", action="store_true", help="score it (and its teacher) on the CKN's test split")
+    a.set_defaults(func=_cmd_assemble)
+
+    st = sub.add_parser("study", help="multi-seed KF study: teacher -> KF -> same-size KD student -> report")
+    st.add_argument("kind", choices=["kf"])
+    st.add_argument("--dataset", required=True, choices=["digits", "mnist5k", "dsprites"])
+    st.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    st.add_argument("--out", default="results/runs/kf")
+    st.add_argument("--quick", action="store_true", help="3 epochs per run (smoke test)")
+    st.set_defaults(func=_cmd_study)
 
     ls = sub.add_parser("list", help="list registered models, datasets, methods, or shipped configs")
     ls.add_argument("kind", nargs="?", default="all", choices=["all", "models", "datasets", "methods", "configs"])

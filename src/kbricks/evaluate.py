@@ -12,13 +12,17 @@ from .errors import KbricksError
 from .metrics import evaluate
 
 
-def evaluate_run(run_dir: Path, checkpoint: str = "last") -> Dict[str, Any]:
+def evaluate_run(run_dir: Path, checkpoint: str = "last", baseline=None) -> Dict[str, Any]:
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise KbricksError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
     from .trainer import build_experiment
 
     cfg = load_config(run_dir / "config.yaml")
+    if cfg.method.name == "kf":
+        from .kf_report import kf_report
+
+        return kf_report(run_dir, Path(baseline) if baseline else None, checkpoint)
     exp = build_experiment(cfg)
     state = load_checkpoint(run_dir / "ckpt" / f"{checkpoint}.pt")
     load_state_into(exp.method, state["model"], "method")

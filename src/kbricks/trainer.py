@@ -60,8 +60,9 @@ def build_experiment(cfg: RunConfig, device: Optional[torch.device] = None) -> E
     seed_everything(cfg.seed)  # model initialisation is a function of the seed only
     data = load_data(cfg)
     tasks = build_tasks(cfg.data.tasks, data.train)
-    method = create_method(MethodContext(cfg, data.train, tasks, device)).to(device)
-    return Experiment(cfg, data, tasks, method, build_transform(cfg, data.train), device)
+    transform = build_transform(cfg, data.train)
+    method = create_method(MethodContext(cfg, data.train, tasks, device, transform)).to(device)
+    return Experiment(cfg, data, tasks, method, transform, device)
 
 
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
@@ -170,11 +171,13 @@ class Trainer:
         for step in range(self.steps_per_epoch):
             start = step * self.global_batch + rank * bs
             idx = perm[start:start + bs]
+            raw = train.x[idx].to(exp.device)
             batch = Batch(
-                x=exp.transform(train.x[idx].to(exp.device), train=True, generator=aug),
+                x=exp.transform(raw, train=True, generator=aug),
                 y=train.y[idx].to(exp.device),
                 latents=train.latents[idx].to(exp.device) if train.latents is not None else None,
                 index=idx,
+                raw=raw,
             )
             losses = self.model(batch)
             loss = losses["loss"]
@@ -257,6 +260,7 @@ class Trainer:
         card = {
             "model": self.cfg.model.model_dump(),
             "method": self.cfg.method.name,
+            "loadable_as_classifier": self.method.loadable_as_classifier,
             "data": self.cfg.data.name,
             "num_classes": self.exp.data.train.num_classes,
             "classes": self.exp.data.train.classes,
@@ -268,6 +272,7 @@ class Trainer:
             "metrics": summary,
         }
         (self.run_dir / "model.json").write_text(json.dumps(card, indent=2))
+        self.method.export_extra(self.run_dir, card)
         (self.run_dir / "results.json").write_text(json.dumps(summary, indent=2))
 
 

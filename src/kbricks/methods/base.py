@@ -29,6 +29,7 @@ class Batch:
     y: torch.Tensor
     latents: Optional[torch.Tensor] = None
     index: Optional[torch.Tensor] = None
+    raw: Optional[torch.Tensor] = None  # the un-augmented [0, 1] images, for methods that draw extra views
 
 
 @dataclass
@@ -39,6 +40,7 @@ class MethodContext:
     train: ArrayDataset
     tasks: List[Task]
     device: torch.device
+    transform: Optional["object"] = None  # the run's BatchAugment (normalisation statistics, extra views)
 
 
 Prediction = Union[torch.Tensor, List[torch.Tensor]]
@@ -64,3 +66,8 @@ class Method(nn.Module):
     def export_module(self) -> nn.Module:
         """The network to ship after training (auxiliary parts dropped)."""
         return self
+
+    def export_extra(self, run_dir, card: dict) -> None:
+        """Write method-specific artefacts next to model.safetensors (e.g. KF bricks). Default: nothing."""
+
+    loadable_as_classifier = True  # model.json + model.safetensors rebuild one plain network

@@ -1,0 +1,184 @@
+"""The brick store: CKNs and TSNs saved as ``.safetensors`` + a JSON manifest, and assembly without fine-tuning.
+
+A manifest records what a brick is (kind, task, classes, architecture), the fingerprint (content hash) of its
+weights, the fingerprint and architecture of the CKN it was trained with, metrics and provenance. Assembly
+refuses bricks that were not trained against the same CKN. Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import fingerprint, load_safetensors, load_state_into, save_safetensors
+from .data import Task
+from .errors import CheckpointError, KbricksError
+from .methods.kf import FactorNetworks, TaskSpecificNetwork, combined_class_scores
+from .models import create_model
+
+BRICK_FORMAT = "kbricks-brick-v1"
+
+
+class BrickMismatchError(KbricksError):
+    """Bricks that cannot be assembled together (different CKN, architecture, overlapping tasks...)."""
+
+
+def _task_from_dict(d: Dict[str, Any]) -> Task:
+    classes = tuple(d["classes"]) if d.get("classes") is not None else None
+    return Task(name=d["name"], num_classes=d["num_classes"], classes=classes, latent=d.get("latent"))
+
+
+def _write(path: Path, manifest: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> Path:
+    manifest = dict(manifest, format=BRICK_FORMAT, fingerprint=fingerprint(tensors), weights=path.name + ".safetensors")
+    save_safetensors(tensors, path.parent / manifest["weights"], {"format": BRICK_FORMAT, "kind": manifest["kind"]})
+    json_path = path.parent / (path.name + ".json")
+    json_path.write_text(json.dumps(manifest, indent=2))
+    return json_path
+
+
+def export_bricks(
+    factors: FactorNetworks,
+    tasks: Sequence[Task],
+    out_dir: Union[str, Path],
+    ckn_arch: Dict[str, Any],
+    tsn_arch: Dict[str, Any],
+    num_classes: int,
+    class_names: Sequence[str],
+    normalize: Dict[str, Any],
+    provenance: Dict[str, Any],
+    metrics: Dict[str, float],
+) -> List[Path]:
+    """Write ``ckn`` and one ``tsn-<task>`` brick per task into ``out_dir``; returns the manifest paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckn_tensors = factors.ckn.state_dict()
+    ckn_fp = fingerprint(ckn_tensors)
+    common = {"kbricks": __version__, "normalize": normalize, "provenance": provenance, "num_classes_total": num_classes}
+    paths = [_write(out / "ckn", {"kind": "ckn", "architecture": ckn_arch, **common, "metrics": {"acc_all_tasks": metrics.get("acc")}}, ckn_tensors)]
+    for task, tsn in zip(tasks, factors.tsns):
+        names = [class_names[c] for c in task.classes] if task.classes is not None else None
+        manifest = {
+            "kind": "tsn",
+            "task": task.to_dict(),
+            "class_names": names,
+            "num_outputs": tsn.head.out_features,
+            "architecture": tsn_arch,
+            "ckn_fingerprint": ckn_fp,
+            "ckn_architecture": ckn_arch,
+            **common,
+            "metrics": {"acc": metrics.get(f"acc_{task.name}")},
+        }
+        paths.append(_write(out / f"tsn-{task.name}", manifest, tsn.state_dict()))
+    return paths
+
+
+def load_brick(path: Union[str, Path]) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """Read a brick manifest and its weights; the weights must hash to the manifest's fingerprint."""
+    path = Path(path)
+    if path.suffix != ".json":
+        path = path.with_suffix(".json") if path.with_suffix(".json").exists() else Path(str(path) + ".json")
+    if not path.exists():
+        raise CheckpointError(f"brick manifest {str(path)!r} does not exist")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"brick manifest {path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != BRICK_FORMAT:
+        raise CheckpointError(f"{path} is not a kbricks brick manifest (format {BRICK_FORMAT!r} expected)")
+    tensors = load_safetensors(path.parent / manifest["weights"])
+    if fingerprint(tensors) != manifest["fingerprint"]:
+        raise CheckpointError(f"brick {path.name}: weights do not match the manifest fingerprint (modified or corrupt file)")
+    return manifest, tensors
+
+
+def build_ckn(arch: Dict[str, Any]) -> nn.Module:
+    return create_model(arch["name"], num_classes=0, in_channels=arch["in_channels"], image_size=arch["image_size"], **arch.get("kwargs", {}))
+
+
+def build_tsn(manifest: Dict[str, Any]) -> TaskSpecificNetwork:
+    a, ckn = manifest["architecture"], manifest["ckn_architecture"]
+    backbone = create_model(a["name"], num_classes=0, in_channels=ckn["in_channels"], image_size=ckn["image_size"], **a.get("kwargs", {}))
+    return TaskSpecificNetwork(backbone, a["dim"], ckn["feature_dim"], manifest["num_outputs"], a["combine"])
+
+
+class AssembledNetwork(nn.Module):
+    """CKN computed once, then each chosen TSN. Class tasks -> one classifier over the union of their classes;
+    latent tasks -> a list with one output per task."""
+
+    def __init__(self, factors: FactorNetworks, tasks: Sequence[Task], num_classes: int, manifests: Sequence[Dict[str, Any]]):
+        super().__init__()
+        self.factors, self.tasks, self.num_classes = factors, list(tasks), num_classes
+        self.manifests = list(manifests)
+
+    @property
+    def is_class_union(self) -> bool:
+        return all(t.classes is not None for t in self.tasks)
+
+    @property
+    def classes(self) -> List[int]:
+        return sorted(c for t in self.tasks for c in (t.classes or ()))
+
+    def factor_outputs(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return self.factors(x)
+
+    def forward(self, x: torch.Tensor):
+        outs = self.factors(x)
+        return combined_class_scores(outs, self.tasks, self.num_classes) if self.is_class_union else outs
+
+
+def assemble(ckn_path: Union[str, Path], tsn_paths: Sequence[Union[str, Path]]) -> AssembledNetwork:
+    """Combine one CKN brick and any subset of TSN bricks trained with it, without fine-tuning."""
+    ckn_manifest, ckn_tensors = load_brick(ckn_path)
+    if ckn_manifest["kind"] != "ckn":
+        raise BrickMismatchError(f"{ckn_path} is a {ckn_manifest['kind']} brick, not a CKN")
+    if not tsn_paths:
+        raise BrickMismatchError("give at least one TSN brick to assemble")
+    ckn = build_ckn(ckn_manifest["architecture"])
+    load_state_into(ckn, ckn_tensors, f"CKN architecture in {ckn_path}")
+    tsns, tasks, manifests, seen = [], [], [ckn_manifest], set()
+    for p in tsn_paths:
+        m, tensors = load_brick(p)
+        if m["kind"] != "tsn":
+            raise BrickMismatchError(f"{p} is a {m['kind']} brick, not a TSN")
+        if m["ckn_architecture"] != ckn_manifest["architecture"]:
+            raise BrickMismatchError(f"TSN {Path(p).name} was trained with a CKN of another architecture ({m['ckn_architecture']['name']} vs {ckn_manifest['architecture']['name']})")
+        if m["ckn_fingerprint"] != ckn_manifest["fingerprint"]:
+            raise BrickMismatchError(
+                f"TSN {Path(p).name} was trained with CKN {m['ckn_fingerprint']}, not with the given CKN {ckn_manifest['fingerprint']}; "
+                "bricks only assemble with the CKN they were factorized with"
+            )
+        task = _task_from_dict(m["task"])
+        overlap = seen.intersection(task.classes or ())
+        if overlap or any(t.name == task.name for t in tasks):
+            raise BrickMismatchError(f"TSN {Path(p).name} repeats task {task.name!r} or classes {sorted(overlap)}")
+        seen.update(task.classes or ())
+        tsn = build_tsn(m)
+        load_state_into(tsn, tensors, f"TSN architecture in {p}")
+        tsns.append(tsn), tasks.append(task), manifests.append(m)
+    if len({t.classes is None for t in tasks}) > 1:
+        raise BrickMismatchError("cannot mix class-partition TSNs and latent-factor TSNs in one network")
+    net = AssembledNetwork(FactorNetworks(ckn, tsns), tasks, ckn_manifest["num_classes_total"], manifests)
+    return net.eval()
+
+
+def save_assembled(net: AssembledNetwork, out_dir: Union[str, Path]) -> Path:
+    """The assembled network as one safetensors file plus a manifest naming its bricks."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = net.factors.state_dict()
+    save_safetensors(tensors, out / "assembled.safetensors", {"format": "kbricks-assembled-v1"})
+    manifest = {
+        "format": "kbricks-assembled-v1",
+        "ckn": net.manifests[0]["fingerprint"],
+        "tsns": [{"task": m["task"]["name"], "fingerprint": m["fingerprint"]} for m in net.manifests[1:]],
+        "classes": net.classes if net.is_class_union else None,
+        "fingerprint": fingerprint(tensors),
+        "provenance": net.manifests[0]["provenance"],
+    }
+    (out / "assembled.json").write_text(json.dumps(manifest, indent=2))
+    return out / "assembled.json"

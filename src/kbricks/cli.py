@@ -116,6 +116,23 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_continual(args: argparse.Namespace) -> int:
+    from .continual.runner import load_continual_config, run_continual
+    from .trainer import default_run_dir
+
+    if args.config is None:
+        if not (args.resume and args.run_dir):
+            raise KbricksError("give a config file, or --resume with --run-dir to continue a run")
+        config_path = Path(args.run_dir) / "config.yaml"
+    else:
+        config_path = Path(args.config)
+    cfg = load_continual_config(config_path, args.override)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+    result = run_continual(cfg, run_dir, resume=args.resume)
+    print(json.dumps({k: v for k, v in result.items() if k != "accuracy_matrix"} | {"run_dir": str(run_dir)}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kbricks", description="Modular knowledge transfer between neural networks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -132,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", choices=["last", "best"], default="last")
     e.add_argument("--baseline", help="KF runs: run directory of a KD student to compare with")
     e.set_defaults(func=_cmd_evaluate)
+
+    c = sub.add_parser("continual", help="continual learning with supermasks (SupSup, ImpressLearn)")
+    c.add_argument("config", nargs="?", help="YAML config (omit with --resume --run-dir)")
+    c.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--run-dir")
+    c.add_argument("--resume", action="store_true", help="continue after the last finished task")
+    c.set_defaults(func=_cmd_continual)
 
     a = sub.add_parser("assemble", help="combine a CKN brick and TSN bricks into one network, without fine-tuning")
     a.add_argument("ckn", help="the CKN brick manifest (bricks/ckn.json)")

@@ -6,7 +6,8 @@ Factor network t = CKN + TSN_t:  logits_t = head_t(combine(z_c, z_t)),  z_c = CK
 Loss, summed over tasks t:
     kd_weight * T^2 KL(teacher_t^T || factor_t^T)      distillation of the teacher's task-t outputs
   + ce_weight * CE(factor_t, y_t)                       hard labels where they exist
-  + beta      * KL(N(mu_t, sigma_t^2) || N(0, I))        bottleneck: minimise I(x; z_t)
+  + beta      * KL(N(mu_t, sigma_t^2) || N(0, I))        bottleneck: minimise I(x; z_t) ...
+  + task_weight * CE(task_head_t(z_t), y_t)              ... while keeping z_t predictive of task t on its own
 plus infomax_weight * InfoNCE(g(z_c(view1)), g(z_c(view2)))  InfoMax: maximise I(x; z_c)
 
 Class-partition tasks get one extra "other" output: factor t is distilled towards the teacher's tempered
@@ -72,15 +73,26 @@ def imb_loss(
     beta: float = 1e-3,
     infomax_weight: float = 0.1,
     tau: float = 0.2,
+    task_only_logits: Optional[Sequence[torch.Tensor]] = None,
+    task_weight: float = 1.0,
 ) -> Dict[str, torch.Tensor]:
-    """The InfoMax-Bottleneck objective; returns named terms (unweighted) and the weighted total ``loss``."""
+    """The InfoMax-Bottleneck objective; returns named terms (unweighted) and the weighted total ``loss``.
+
+    ``task_only_logits`` are predictions from z_t alone: distilled from the same teacher targets (and labels),
+    they keep the task-specific code informative about its task while the KL term squeezes the rest out."""
     kd = torch.stack([kd_loss(f, t, temperature) for f, t in zip(factor_logits, teacher_targets)]).sum()
     ce_terms = [F.cross_entropy(f, y) for f, y in zip(factor_logits, labels) if y is not None]
     ce = torch.stack(ce_terms).sum() if ce_terms else kd.new_zeros(())
     kl = torch.stack([gaussian_kl(m, lv) for m, lv in zip(mus, logvars)]).sum()
     nce = info_nce(views[0], views[1], tau) if views is not None and infomax_weight > 0 else kd.new_zeros(())
-    total = kd_weight * kd + ce_weight * ce + beta * kl + infomax_weight * nce
-    return {"loss": total, "kd": kd.detach(), "ce": ce.detach(), "kl": kl.detach(), "infonce": nce.detach()}
+    task = kd.new_zeros(())
+    if task_only_logits is not None and task_weight > 0:
+        task = torch.stack([
+            kd_loss(a, t, temperature) + (F.cross_entropy(a, y) if y is not None else 0.0)
+            for a, t, y in zip(task_only_logits, teacher_targets, labels)
+        ]).sum()
+    total = kd_weight * kd + ce_weight * ce + beta * kl + infomax_weight * nce + task_weight * task
+    return {"loss": total, "kd": kd.detach(), "ce": ce.detach(), "kl": kl.detach(), "infonce": nce.detach(), "task_only": task.detach()}
 
 
 # ---- modules -------------------------------------------------------------------------------------------------
@@ -96,6 +108,7 @@ class TaskSpecificNetwork(nn.Module):
         self.logvar = nn.Linear(backbone.feature_dim, dim)
         self.combine = combine
         self.head = nn.Linear(ckn_dim + dim if combine == "concat" else dim, num_outputs)
+        self.task_head = nn.Linear(dim, num_outputs)  # training only: z_t alone must predict the task
         nn.init.constant_(self.logvar.bias, -4.0)  # start nearly deterministic; the KL term widens it as allowed
 
     def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -103,10 +116,15 @@ class TaskSpecificNetwork(nn.Module):
         return self.mu(h), self.logvar(h).clamp(-10.0, 10.0)
 
     def forward(self, x: torch.Tensor, z_c: torch.Tensor, sample: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, mu, logvar, _ = self.forward_train(x, z_c, sample)
+        return logits, mu, logvar
+
+    def forward_train(self, x: torch.Tensor, z_c: torch.Tensor, sample: bool):
+        """(factor logits, mu, logvar, task-only logits from z_t alone)."""
         mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
         joint = torch.cat([z_c, z], 1) if self.combine == "concat" else z_c + z
-        return self.head(joint), mu, logvar
+        return self.head(joint), mu, logvar, self.task_head(z)
 
 
 def task_output_size(task: Task, num_classes: int) -> int:
@@ -153,6 +171,7 @@ class KnowledgeFactorization(Method):
         kd_weight: float = Field(1.0, ge=0)
         ce_weight: float = Field(0.1, ge=0)
         beta: float = Field(1e-3, ge=0, description="bottleneck weight on KL(q(z_t|x) || N(0, I))")
+        task_weight: float = Field(1.0, ge=0, description="weight of the task-only head on z_t (keeps z_t predictive)")
         infomax_weight: float = Field(0.1, ge=0, description="weight of the InfoNCE term on the CKN")
         tau: float = Field(0.2, gt=0, description="InfoNCE temperature")
         proj_dim: int = Field(64, ge=1)
@@ -212,14 +231,14 @@ class KnowledgeFactorization(Method):
         use_views = p.infomax_weight > 0
         z_all = self.factors.ckn.features(torch.cat([x, self.second_view(batch)]) if use_views else x)
         z_c = z_all[:n]
-        logits, mus, logvars = [], [], []
+        logits, mus, logvars, task_only = [], [], [], []
         for tsn in self.factors.tsns:
-            lg, mu, lv = tsn(x, z_c, sample=True)
-            logits.append(lg), mus.append(mu), logvars.append(lv)
+            lg, mu, lv, aux = tsn.forward_train(x, z_c, sample=True)
+            logits.append(lg), mus.append(mu), logvars.append(lv), task_only.append(aux)
         views = (self.projector(z_c), self.projector(z_all[n:])) if use_views else None
         return imb_loss(
             logits, self.teacher_targets(x), self.task_labels(batch), mus, logvars, views,
-            p.temperature, p.kd_weight, p.ce_weight, p.beta, p.infomax_weight, p.tau,
+            p.temperature, p.kd_weight, p.ce_weight, p.beta, p.infomax_weight, p.tau, task_only, p.task_weight,
         )
 
     @torch.no_grad()

@@ -1,6 +1,6 @@
 """Model zoo: ``create_model(name, num_classes=..., in_channels=..., image_size=..., **kwargs)``."""
 
-from . import mobilenetv2, resnet, simple, wrn  # noqa: F401  (registers models)
+from . import masked, mobilenetv2, resnet, simple, wrn  # noqa: F401  (registers models)
 from .base import MODELS, Classifier, count_parameters
 
 

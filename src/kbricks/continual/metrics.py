@@ -1,0 +1,25 @@
+"""Continual-learning metrics from the accuracy matrix R (R[i, j] = accuracy on task j after learning task i)."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+
+def cl_metrics(R: Sequence[Sequence[float]], untrained: Optional[Sequence[float]] = None) -> Dict[str, float]:
+    """Average accuracy (GEM), backward transfer, forgetting (Chaudhry et al.), forward transfer when the
+    untrained model's accuracies ``untrained`` are given. R must be T x T with R[i, j] defined for j <= i."""
+    r = np.asarray(R, dtype=float)
+    t = r.shape[0]
+    if r.shape != (t, t):
+        raise ValueError(f"accuracy matrix must be square, got {r.shape}")
+    out = {"avg_acc": float(r[-1].mean()), "avg_incremental_acc": float(np.mean([r[i, : i + 1].mean() for i in range(t)]))}
+    if t > 1:
+        out["bwt"] = float(np.mean([r[-1, j] - r[j, j] for j in range(t - 1)]))
+        out["forgetting"] = float(np.mean([r[j:-1, j].max() - r[-1, j] for j in range(t - 1)]))
+        if untrained is not None:
+            out["fwt"] = float(np.mean([r[j - 1, j] - untrained[j] for j in range(1, t)]))
+    else:
+        out["bwt"] = out["forgetting"] = 0.0
+    return out

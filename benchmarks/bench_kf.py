@@ -11,8 +11,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from common import report, time_interleaved
+
 from kbricks.config import load_config
 from kbricks.methods import Batch
 from kbricks.models import count_parameters

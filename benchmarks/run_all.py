@@ -7,11 +7,11 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import bench_kf  # noqa: E402
+import bench_supermask  # noqa: E402
 import torch  # noqa: E402
 
-import bench_kf  # noqa: E402
-
-BENCHES = {"kf_step": bench_kf.main}
+BENCHES = {"kf_step": bench_kf.main, "supermask_eval": bench_supermask.main}
 
 
 def main() -> None:

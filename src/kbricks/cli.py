@@ -109,9 +109,16 @@ def evaluate_assembled(net) -> dict:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from .studies import run_kf_study
+    from .studies import run_cl_study, run_kf_study, run_sskt_study
 
-    summary = run_kf_study(args.dataset, args.seeds, Path(args.out), quick=args.quick)
+    if args.kind == "sskt":
+        summary = run_sskt_study(args.seeds, Path(args.out), quick=args.quick)
+    elif args.kind == "cl":
+        summary = run_cl_study(args.seeds, Path(args.out), quick=args.quick)
+    else:
+        if args.dataset is None:
+            raise KbricksError("study kf needs --dataset")
+        summary = run_kf_study(args.dataset, args.seeds, Path(args.out), quick=args.quick)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -130,6 +137,14 @@ def _cmd_continual(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     result = run_continual(cfg, run_dir, resume=args.resume)
     print(json.dumps({k: v for k, v in result.items() if k != "accuracy_matrix"} | {"run_dir": str(run_dir)}, indent=2))
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .studies import run_sweep
+
+    summary = run_sweep(Path(args.config), args.seeds, Path(args.out), args.override, paired_split=not args.fixed_split)
+    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
     return 0
 
 
@@ -164,11 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--evaluate", action="store_true", help="score it (and its teacher) on the CKN's test split")
     a.set_defaults(func=_cmd_assemble)
 
-    st = sub.add_parser("study", help="multi-seed KF study: teacher -> KF -> same-size KD student -> report")
-    st.add_argument("kind", choices=["kf"])
-    st.add_argument("--dataset", required=True, choices=["digits", "mnist5k", "dsprites"])
+    sw = sub.add_parser("sweep", help="train a config over several seeds; mean +/- std of last and best accuracy")
+    sw.add_argument("config")
+    sw.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    sw.add_argument("--out", required=True, help="directory for seed<k>/ runs, sweep.json and sweep.csv")
+    sw.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+    sw.add_argument("--fixed-split", action="store_true", help="keep data.kwargs.split_seed (default: the seed sets it too)")
+    sw.set_defaults(func=_cmd_sweep)
+
+    st = sub.add_parser("study", help="multi-seed studies: kf (teacher -> KF -> KD -> report) or cl (SupSup vs ImpressLearn)")
+    st.add_argument("kind", choices=["kf", "cl", "sskt"])
+    st.add_argument("--dataset", choices=["digits", "mnist5k", "dsprites"], help="kf only")
     st.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    st.add_argument("--out", default="results/runs/kf")
+    st.add_argument("--out", default="results/runs")
     st.add_argument("--quick", action="store_true", help="3 epochs per run (smoke test)")
     st.set_defaults(func=_cmd_study)
 

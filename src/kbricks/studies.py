@@ -49,7 +49,7 @@ def run_kf_study(dataset: str, seeds: Sequence[int], out: Path, quick: bool = Fa
     root = configs_root()
     teacher_cfg, kf_cfg, kd_cfg = (root / p for p in KF_STUDIES[dataset])
     quick_over = ["train.epochs=3"] if quick else []
-    out = Path(out) / dataset
+    out = Path(out) / "kf" / dataset
     reports: List[Dict[str, Any]] = []
     t0 = time.time()
     for seed in seeds:
@@ -73,3 +73,131 @@ def fmt(stat: Optional[Dict[str, float]], scale: float = 100.0, digits: int = 2)
     if not stat:
         return "n/a"
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+CL_STUDY = {
+    "supsup": ("continual/supsup_permuted.yaml", []),
+    "impresslearn_k3": ("continual/impresslearn_permuted.yaml", []),
+    "impresslearn_k5": ("continual/impresslearn_permuted.yaml", ["method.params.impressions=5"]),
+}
+
+
+def run_cl_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """SupSup vs ImpressLearn on PermutedMNIST-5k (5 tasks), each over ``seeds``; finished runs are reused."""
+    import torch
+
+    from .continual.runner import load_continual_config, run_continual
+
+    out = Path(out) / "cl" / "permuted"
+    quick_over = ["train.steps_per_task=60", "inference.trials_per_task=3", "scenario.num_tasks=3"] if quick else []
+    table: Dict[str, Any] = {}
+    t0 = time.time()
+    for name, (path, over) in CL_STUDY.items():
+        runs = []
+        for seed in seeds:
+            run_dir = out / f"{name}-seed{seed}"
+            done = run_dir / "results.json"
+            if done.exists():
+                runs.append(json.loads(done.read_text()))
+                continue
+            cfg = load_continual_config(configs_root() / path, [*over, *quick_over, f"seed={seed}", "plots=true"])
+            runs.append(run_continual(cfg, run_dir, resume=(run_dir / "ckpt" / "last.pt").exists()))
+            log(f"[cl:{name}] seed {seed}: avg acc {runs[-1]['avg_acc']:.4f}")
+        keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        stats = {}
+        for k in keys:
+            vals = torch.tensor([float(r[k]) for r in runs], dtype=torch.float64)
+            stats[k] = {"mean": vals.mean().item(), "std": vals.std().item() if len(vals) > 1 else 0.0, "n": len(vals)}
+        # per-task final accuracy, to separate impression (seed) tasks from new tasks
+        finals = torch.tensor([r["final_accs"] for r in runs], dtype=torch.float64)
+        stats["final_accs_mean"] = finals.mean(0).tolist()
+        stats["final_accs_std"] = (finals.std(0) if len(runs) > 1 else torch.zeros(finals.shape[1])).tolist()
+        table[name] = stats
+    summary = {"study": "cl-permuted", "seeds": list(seeds), "quick": quick, "minutes": round((time.time() - t0) / 60, 2), "methods": table}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _stats(values: Sequence[float]) -> Dict[str, float]:
+    import torch
+
+    v = torch.tensor(list(values), dtype=torch.float64)
+    return {"mean": v.mean().item(), "std": v.std().item() if len(v) > 1 else 0.0, "n": len(v)}
+
+
+def run_sweep(config: Path, seeds: Sequence[int], out: Path, overrides: Sequence[str] = (), paired_split: bool = True) -> Dict[str, Any]:
+    """Train ``config`` once per seed (the seed also fixes the data split when ``paired_split``), then write
+    mean +/- std of the last and the best test accuracy to ``out/sweep.json`` and ``out/sweep.csv``."""
+    from .hooks import write_csv
+
+    out = Path(out)
+    rows = []
+    for seed in seeds:
+        over = [*overrides, f"seed={seed}"] + ([f"data.kwargs.split_seed={seed}"] if paired_split else [])
+        s = train_or_reuse(Path(config), out / f"seed{seed}", over)
+        rows.append({"seed": seed, "last_acc": s["final"]["test/acc"], "best_acc": s["best"]["test/acc"], "best_epoch": s["best"]["epoch"]})
+    summary = {"config": str(config), "overrides": list(overrides), "seeds": list(seeds), "paired_split": paired_split,
+               "last_acc": _stats([r["last_acc"] for r in rows]), "best_acc": _stats([r["best_acc"] for r in rows]), "runs": rows}
+    if dist.is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sweep.json").write_text(json.dumps(summary, indent=2))
+        write_csv(out / "sweep.csv", rows)
+    return summary
+
+
+def sskt_methods(sources: Dict[str, Path], teacher: Callable[[int], Path]) -> Dict[str, List[str]]:
+    """Overrides on configs/sskt/digits10_scratch.yaml for every method of the SSKT comparison."""
+    src_i, src_p = str(sources["mnist8"]), str(sources["shapes8"])
+    return {
+        "scratch": [],
+        "kd_teacher": ["method.name=kd", "method.temperature=4", "method.alpha=0.9"],  # teacher set per seed
+        "kd_source": ["method.name=kd", f"method.teacher={src_i}", "method.temperature=4", "method.alpha=0.9"],
+        "dml": ["method.name=dml"],
+        "maxl": ["method.name=maxl"],
+        "sskt_I": ["method.name=sskt", f"method.sources=[{src_i}]"],
+        "sskt_I+P": ["method.name=sskt", f"method.sources=[{src_i}, {src_p}]"],
+    }
+
+
+def run_sskt_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Scratch, KD (target-trained teacher), KD (mismatched source), DML, MAXL, SSKT (I) and SSKT (I+P) on the
+    digits few-label target, over paired seeds (each seed fixes the split and the initialisation)."""
+    root = configs_root()
+    out = Path(out) / "sskt"
+    quick_over = ["train.epochs=20", "train.eval_every=10"] if quick else []
+    sources = {
+        "mnist8": out / "sources" / "mnist8",
+        "shapes8": out / "sources" / "shapes8",
+    }
+    src_acc = {}
+    for name, cfg in (("mnist8", "sources/mnist8_cnn.yaml"), ("shapes8", "sources/shapes8_cnn.yaml")):
+        src_acc[name] = train_or_reuse(root / cfg, sources[name], ["train.epochs=3"] if quick else [])["final"]["test/acc"]
+    base = root / "sskt" / "digits10_scratch.yaml"
+    results: Dict[str, Any] = {}
+    t0 = time.time()
+    # KD's teacher: a 3x wider network trained on the same few labels, one per seed (paired)
+    teacher_runs = out / "kd_teacher_nets"
+    teacher_acc = []
+    for seed in seeds:
+        s = train_or_reuse(base, teacher_runs / f"seed{seed}", [*quick_over, "model.kwargs.width=48", f"seed={seed}", f"data.kwargs.split_seed={seed}"])
+        teacher_acc.append(s["final"]["test/acc"])
+    for name, over in sskt_methods(sources, lambda s: teacher_runs / f"seed{s}").items():
+        if name == "kd_teacher":
+            runs = []
+            for seed in seeds:
+                runs.append(run_sweep(base, [seed], out / name / f"s{seed}", [*over, *quick_over, f"method.teacher={teacher_runs / f'seed{seed}'}"])["runs"][0])
+            results[name] = {"runs": runs, "last_acc": _stats([r["last_acc"] for r in runs]), "best_acc": _stats([r["best_acc"] for r in runs])}
+        else:
+            results[name] = run_sweep(base, seeds, out / name, [*over, *quick_over])
+        log(f"[sskt] {name}: {fmt(results[name]['last_acc'])}")
+    scratch = [r["last_acc"] for r in results["scratch"]["runs"]]
+    for name, res in results.items():
+        deltas = [r["last_acc"] - s for r, s in zip(res["runs"], scratch)]
+        st = _stats(deltas)
+        res["delta_vs_scratch"] = {"mean": st["mean"], "sem": st["std"] / max(1, len(deltas)) ** 0.5, "wins": sum(d > 0 for d in deltas), "n": len(deltas)}
+    summary = {"study": "sskt-digits10", "seeds": list(seeds), "quick": quick, "minutes": round((time.time() - t0) / 60, 2),
+               "source_acc": src_acc, "kd_teacher_acc": _stats(teacher_acc), "methods": results}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -100,3 +100,19 @@ def dsprites(
         name="dsprites",
         info={"latent_sizes": dict(zip(LATENT_NAMES, sizes)), "split_seed": split_seed},
     )
+
+
+@DATASETS.register("shapes8")
+def shapes8(n_samples: int = 6000, test_fraction: float = 0.2, split_seed: int = 0) -> DataSplits:
+    """dSprites shapes rendered at 32x32 then area-pooled to 8x8; label = shape x scale-half (6 classes).
+    A foreign label space on the digits' 8x8 geometry: a 'Places-like' source for transfer to digits."""
+    d = dsprites(n_samples=n_samples, image_size=32, num_scales=6, num_orientations=8, num_positions=8,
+                 test_fraction=test_fraction, split_seed=split_seed)
+    classes = [f"{s}-{size}" for s in SHAPES for size in ("small", "large")]
+
+    def convert(ds: ArrayDataset) -> ArrayDataset:
+        x = torch.nn.functional.adaptive_avg_pool2d(ds.x, 8)
+        y = ds.latents[:, 0] * 2 + (ds.latents[:, 1] >= 3).long()
+        return ArrayDataset(x, y, classes)
+
+    return DataSplits(convert(d.train), convert(d.test), name="shapes8")

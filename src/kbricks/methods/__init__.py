@@ -1,6 +1,6 @@
 """Training methods, one small file each, registered by name."""
 
-from . import distill, kf, supervised  # noqa: F401  (registers methods)
+from . import distill, dml, kf, maxl, sskt, supervised  # noqa: F401  (registers methods)
 from .base import METHODS, Batch, Method, MethodContext, MethodParams
 
 

@@ -29,6 +29,21 @@ def input_norm(ctx: MethodContext):
     return {"mean": tf.mean, "std": tf.std} if tf is not None and tf.mean is not None else None
 
 
+def check_teacher_outputs(teacher, ctx: MethodContext, where: str) -> None:
+    """KD needs the teacher to speak the student's label space (SSKT is the method for foreign label spaces)."""
+    from ..errors import ConfigError
+
+    if teacher.task_names:
+        missing = [t.name for t in ctx.tasks if t.name not in teacher.task_names]
+        if missing:
+            raise ConfigError(f"teacher {where} has no heads for tasks {missing}; its heads are {teacher.task_names}")
+    elif teacher.net.num_classes != ctx.train.num_classes:
+        raise ConfigError(
+            f"teacher {where} predicts {teacher.net.num_classes} classes but the data has {ctx.train.num_classes}; "
+            "KD needs a shared label space (use method sskt for sources with other label spaces)"
+        )
+
+
 @METHODS.register("kd")
 class KnowledgeDistillation(Method):
     class Config(MethodParams):
@@ -42,6 +57,7 @@ class KnowledgeDistillation(Method):
         self.tasks = ctx.tasks
         self.teacher = load_frozen(params.teacher, input_norm(ctx))
         self.net = build_network(ctx)
+        check_teacher_outputs(self.teacher, ctx, params.teacher)
 
     def training_step(self, batch: Batch) -> Dict[str, torch.Tensor]:
         p = self.params

@@ -1,4 +1,4 @@
-"""CIFAR-style ResNets (He et al. 2016): ResNet-20/32/56 (16-32-64 channels) and ResNet-18 (3x3 stem, no max-pool)."""
+"""CIFAR-style ResNets (He et al. 2016): ResNet-8/20/32/56 (16-32-64 channels) and ResNet-18 (3x3 stem, no max-pool)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,18 @@ class ResNet(Classifier):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.stages(self.stem(x)))
 
+    def stage_features(self, x: torch.Tensor):
+        """The output of every residual stage (for multi-stage heads such as SSKT's transfer module)."""
+        outs, h = [], self.stem(x)
+        for stage in self.stages:
+            h = stage(h)
+            outs.append(h)
+        return outs
+
+    @property
+    def stage_channels(self):
+        return [stage[-1].bn2.num_features for stage in self.stages]
+
 
 def _cifar_resnet(depth: int):
     if (depth - 2) % 6:
@@ -64,7 +76,7 @@ def _cifar_resnet(depth: int):
     return build
 
 
-for _depth in (20, 32, 56):
+for _depth in (8, 20, 32, 56):
     MODELS.register(f"resnet{_depth}")(_cifar_resnet(_depth))
 
 

@@ -146,7 +146,7 @@ def run_sweep(config: Path, seeds: Sequence[int], out: Path, overrides: Sequence
     return summary
 
 
-def sskt_methods(sources: Dict[str, Path], teacher: Callable[[int], Path]) -> Dict[str, List[str]]:
+def sskt_methods(sources: Dict[str, Path]) -> Dict[str, List[str]]:
     """Overrides on configs/sskt/digits10_scratch.yaml for every method of the SSKT comparison."""
     src_i, src_p = str(sources["mnist8"]), str(sources["shapes8"])
     return {
@@ -182,7 +182,7 @@ def run_sskt_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Ca
     for seed in seeds:
         s = train_or_reuse(base, teacher_runs / f"seed{seed}", [*quick_over, "model.kwargs.width=48", f"seed={seed}", f"data.kwargs.split_seed={seed}"])
         teacher_acc.append(s["final"]["test/acc"])
-    for name, over in sskt_methods(sources, lambda s: teacher_runs / f"seed{s}").items():
+    for name, over in sskt_methods(sources).items():
         if name == "kd_teacher":
             runs = []
             for seed in seeds:
@@ -192,7 +192,7 @@ def run_sskt_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Ca
             results[name] = run_sweep(base, seeds, out / name, [*over, *quick_over])
         log(f"[sskt] {name}: {fmt(results[name]['last_acc'])}")
     scratch = [r["last_acc"] for r in results["scratch"]["runs"]]
-    for name, res in results.items():
+    for res in results.values():
         deltas = [r["last_acc"] - s for r, s in zip(res["runs"], scratch)]
         st = _stats(deltas)
         res["delta_vs_scratch"] = {"mean": st["mean"], "sem": st["std"] / max(1, len(deltas)) ** 0.5, "wins": sum(d > 0 for d in deltas), "n": len(deltas)}

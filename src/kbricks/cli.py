@@ -148,6 +148,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .results_tables import write_results
+
+    print(write_results(Path(args.runs), Path(args.out)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kbricks", description="Modular knowledge transfer between neural networks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -194,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", default="results/runs")
     st.add_argument("--quick", action="store_true", help="3 epochs per run (smoke test)")
     st.set_defaults(func=_cmd_study)
+
+    rp = sub.add_parser("report", help="write RESULTS.md tables and plots from the studies' study.json files")
+    rp.add_argument("--runs", default="results/runs")
+    rp.add_argument("--out", default="results")
+    rp.set_defaults(func=_cmd_report)
 
     ls = sub.add_parser("list", help="list registered models, datasets, methods, or shipped configs")
     ls.add_argument("kind", nargs="?", default="all", choices=["all", "models", "datasets", "methods", "configs"])

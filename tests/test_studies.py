@@ -6,11 +6,16 @@ from kbricks.results_tables import write_results
 from kbricks.studies import run_cl_study, run_kf_study
 
 
-def test_quick_cl_study_and_report(tmp_path):
+def test_quick_cl_study_and_report(tmp_path, monkeypatch):
+    from kbricks import studies
+
+    # an even smaller budget than --quick, to keep the unit test fast
+    tiny = ["train.steps_per_task=40", "inference.trials_per_task=2", "scenario.num_tasks=3", "scenario.dataset=digits"]
+    monkeypatch.setattr(studies, "CL_QUICK", tiny)
     summary = run_cl_study([0, 1], tmp_path / "runs", quick=True, log=lambda s: None)
     sup, il = summary["methods"]["supsup"], summary["methods"]["impresslearn_k3"]
     assert sup["forgetting"]["mean"] == 0.0 and il["forgetting"]["mean"] == 0.0
-    assert sup["params_per_task"]["mean"] == 784 * 300 + 300 * 100 + 100 * 10
+    assert sup["params_per_task"]["mean"] == 64 * 300 + 300 * 100 + 100 * 10
     assert il["params_per_task"]["mean"] == 3 * 3
     assert sup["avg_acc"]["n"] == 2 and len(sup["final_accs_mean"]) == 3
     # a second call reuses the finished runs
@@ -29,3 +34,22 @@ def test_kf_digits_factor_and_assembled_within_one_point_of_teacher(tmp_path):
         assert abs(report[f"kf/acc_{t}"] - report[f"teacher/acc_{t}"]) <= 0.01
     assert report["assembled/acc"] >= report["teacher/acc"] - 0.01
     assert report["assembled_matches_factors"]
+
+
+def test_claims_are_evaluated_from_study_outputs(tmp_path, monkeypatch):
+    from kbricks import studies
+    from kbricks.reproduce import CLAIMS, evaluate_claims, write_reproduction
+
+    monkeypatch.setattr(studies, "CL_QUICK", ["train.steps_per_task=40", "inference.trials_per_task=2", "scenario.num_tasks=4", "scenario.dataset=digits"])
+    run_cl_study([0], tmp_path / "runs", quick=True, log=lambda s: None)
+    rows = evaluate_claims(tmp_path / "runs")
+    assert len(rows) == len(CLAIMS)
+    by = {r["paper"]: r for r in rows}
+    forgetting = next(r for r in rows if r["paper"].startswith("No forgetting"))
+    assert forgetting["verdict"] == "holds" and "supsup 0.0000" in forgetting["ours"]
+    params = next(r for r in rows if r["paper"].startswith("Orders of magnitude"))
+    assert params["verdict"] == "holds" and "fewer entries" in params["ours"]
+    assert all(r["verdict"] == "not run" for r in rows if r["area"] in ("KF", "SSKT"))
+    assert len(by) == len(rows)
+    md = write_reproduction(tmp_path / "runs", tmp_path, quick=True, minutes=1.0, command="kbricks reproduce --quick").read_text()
+    assert "| SupSup/ImpressLearn |" in md and "**holds**" in md

@@ -155,6 +155,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce, write_reproduction
+
+    if args.tables_only:
+        runs = Path(args.out) / ("runs-quick" if args.quick else "runs")
+        print(write_reproduction(runs, Path(args.out), args.quick, 0.0, "kbricks reproduce --tables-only"))
+        return 0
+    path = reproduce(args.quick, Path(args.out))
+    print(path.read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kbricks", description="Modular knowledge transfer between neural networks.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -201,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", default="results/runs")
     st.add_argument("--quick", action="store_true", help="3 epochs per run (smoke test)")
     st.set_defaults(func=_cmd_study)
+
+    rep = sub.add_parser("reproduce", help="run every claim this project can test on CPU; write results/REPRODUCTION.md")
+    rep.add_argument("--quick", action="store_true", help="small budgets, 3 seeds, under 10 minutes on 2 cores")
+    rep.add_argument("--out", default="results")
+    rep.add_argument("--tables-only", action="store_true", help="only re-evaluate the claims from existing runs")
+    rep.set_defaults(func=_cmd_reproduce)
 
     rp = sub.add_parser("report", help="write RESULTS.md tables and plots from the studies' study.json files")
     rp.add_argument("--runs", default="results/runs")

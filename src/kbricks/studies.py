@@ -32,6 +32,15 @@ def train_or_reuse(config: Path, run_dir: Path, overrides: Sequence[str]) -> Dic
     return run_training(cfg, run_dir, resume=(run_dir / "ckpt" / "last.pt").exists())
 
 
+# --quick budgets: small enough for `kbricks reproduce --quick` (< 10 min on 2 cores), large enough to mean something
+KF_QUICK = {
+    "digits": ["train.epochs=12"],
+    "mnist5k": ["train.epochs=3", "data.train_subset=2000"],
+    "dsprites": ["train.epochs=3", "data.kwargs.n_samples=2000"],
+}
+CL_QUICK = ["train.steps_per_task=150", "inference.trials_per_task=5"]
+SSKT_QUICK = ["train.epochs=40", "train.eval_every=20", "train.checkpoint_every=40"]
+
 KF_STUDIES = {
     "digits": ("teacher/digits_cnn.yaml", "kf/digits.yaml", "kd/digits_student.yaml"),
     "mnist5k": ("teacher/mnist5k_cnn.yaml", "kf/mnist5k.yaml", "kd/mnist5k_student.yaml"),
@@ -48,7 +57,7 @@ def run_kf_study(dataset: str, seeds: Sequence[int], out: Path, quick: bool = Fa
         raise ConfigError(f"unknown KF study {dataset!r}; valid: {', '.join(KF_STUDIES)}")
     root = configs_root()
     teacher_cfg, kf_cfg, kd_cfg = (root / p for p in KF_STUDIES[dataset])
-    quick_over = ["train.epochs=3"] if quick else []
+    quick_over = KF_QUICK[dataset] if quick else []
     out = Path(out) / "kf" / dataset
     reports: List[Dict[str, Any]] = []
     t0 = time.time()
@@ -89,7 +98,7 @@ def run_cl_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Call
     from .continual.runner import load_continual_config, run_continual
 
     out = Path(out) / "cl" / "permuted"
-    quick_over = ["train.steps_per_task=60", "inference.trials_per_task=3", "scenario.num_tasks=3"] if quick else []
+    quick_over = CL_QUICK if quick else []
     table: Dict[str, Any] = {}
     t0 = time.time()
     for name, (path, over) in CL_STUDY.items():
@@ -165,7 +174,7 @@ def run_sskt_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Ca
     digits few-label target, over paired seeds (each seed fixes the split and the initialisation)."""
     root = configs_root()
     out = Path(out) / "sskt"
-    quick_over = ["train.epochs=20", "train.eval_every=10"] if quick else []
+    quick_over = SSKT_QUICK if quick else []
     sources = {
         "mnist8": out / "sources" / "mnist8",
         "shapes8": out / "sources" / "shapes8",

@@ -36,10 +36,10 @@ def train_or_reuse(config: Path, run_dir: Path, overrides: Sequence[str]) -> Dic
 KF_QUICK = {
     "digits": ["train.epochs=12"],
     "mnist5k": ["train.epochs=3", "data.train_subset=2000"],
-    "dsprites": ["train.epochs=3", "data.kwargs.n_samples=2000"],
+    "dsprites": ["train.epochs=3", "data.kwargs.n_samples=1500"],
 }
-CL_QUICK = ["train.steps_per_task=150", "inference.trials_per_task=5"]
-SSKT_QUICK = ["train.epochs=40", "train.eval_every=20", "train.checkpoint_every=40"]
+CL_QUICK = ["train.steps_per_task=100", "inference.trials_per_task=3"]
+SSKT_QUICK = ["train.epochs=30", "train.eval_every=15", "train.checkpoint_every=30"]
 
 KF_STUDIES = {
     "digits": ("teacher/digits_cnn.yaml", "kf/digits.yaml", "kd/digits_student.yaml"),

@@ -19,15 +19,16 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-# The main job end to end on embedded data (~2 min on 2 cores): train a digits teacher, factorize it into
-# a common-knowledge network + 2 task-specific bricks, train a same-size KD student, report, then assemble
-# the bricks from the store without fine-tuning and score the assembled network against the teacher.
+# The main job end to end on embedded data, then every claim at quick budgets (~10 min on 2 cores):
+# `kbricks reproduce --quick` trains digits teachers, factorizes them (KF) next to same-size KD students, runs
+# dSprites KF, SupSup vs ImpressLearn, SSKT vs KD/DML/MAXL (3 seeds each) and writes REPRODUCTION-quick.md;
+# then the digits bricks are assembled from the brick store without fine-tuning and scored against the teacher.
+DEMO := runs/demo
+DEMO_BRICKS := $(DEMO)/runs-quick/kf/digits/kf-seed0/bricks
 demo: $(STAMP)
-	$(PY) -m kbricks study kf --dataset digits --seeds 0 --out runs/demo
-	$(PY) -m kbricks assemble runs/demo/kf/digits/kf-seed0/bricks/ckn.json \
-		runs/demo/kf/digits/kf-seed0/bricks/tsn-classes_0-1-2-3-4.json \
-		runs/demo/kf/digits/kf-seed0/bricks/tsn-classes_5-6-7-8-9.json \
-		--out runs/demo/assembled --evaluate
+	$(PY) -m kbricks reproduce --quick --out $(DEMO)
+	$(PY) -m kbricks assemble $(DEMO_BRICKS)/ckn.json $(DEMO_BRICKS)/tsn-classes_0-1-2-3-4.json \
+		$(DEMO_BRICKS)/tsn-classes_5-6-7-8-9.json --out $(DEMO)/assembled --evaluate
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

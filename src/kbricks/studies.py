@@ -87,7 +87,6 @@ def fmt(stat: Optional[Dict[str, float]], scale: float = 100.0, digits: int = 2)
 CL_STUDY = {
     "supsup": ("continual/supsup_permuted.yaml", []),
     "impresslearn_k3": ("continual/impresslearn_permuted.yaml", []),
-    "impresslearn_k5": ("continual/impresslearn_permuted.yaml", ["method.params.impressions=5"]),
 }
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import fingerprint, load_safetensors, load_state_into, save_safetensors
+from .checkpoint import fingerprint, load_safetensors, load_state_into, read_json, save_safetensors
 from .data import Task
 from .errors import CheckpointError, KbricksError
 from .methods.kf import FactorNetworks, TaskSpecificNetwork, combined_class_scores
@@ -82,12 +82,7 @@ def load_brick(path: Union[str, Path]) -> Tuple[Dict[str, Any], Dict[str, torch.
     path = Path(path)
     if path.suffix != ".json":
         path = path.with_suffix(".json") if path.with_suffix(".json").exists() else Path(str(path) + ".json")
-    if not path.exists():
-        raise CheckpointError(f"brick manifest {str(path)!r} does not exist")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"brick manifest {path} is not valid JSON: {exc}") from None
+    manifest = read_json(path, f"brick manifest {str(path)!r} does not exist")
     if not isinstance(manifest, dict) or manifest.get("format") != BRICK_FORMAT:
         raise CheckpointError(f"{path} is not a kbricks brick manifest (format {BRICK_FORMAT!r} expected)")
     tensors = load_safetensors(path.parent / manifest["weights"])

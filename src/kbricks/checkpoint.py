@@ -98,6 +98,19 @@ def load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"weights file {str(path)!r} is corrupt or not safetensors ({exc})") from None
 
 
+def read_json(path: Path, missing: str) -> Any:
+    """A JSON document from disk; ``missing`` is the error message when the file does not exist."""
+    import json
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(missing)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+
+
 def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
     """Content hash of a state dict (names, dtypes, shapes and values), order-independent."""
     h = hashlib.sha256()

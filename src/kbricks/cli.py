@@ -11,17 +11,20 @@ from typing import List, Optional
 from .errors import KbricksError
 
 
+def config_path_of(args: argparse.Namespace) -> Path:
+    """The config file given, or the run's own config.yaml when resuming without one."""
+    if args.config is not None:
+        return Path(args.config)
+    if not (args.resume and args.run_dir):
+        raise KbricksError("give a config file, or --resume with --run-dir to continue a run")
+    return Path(args.run_dir) / "config.yaml"
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .trainer import run_training
 
-    if args.config is None:
-        if not (args.resume and args.run_dir):
-            raise KbricksError("give a config file, or --resume with --run-dir to continue a run")
-        config_path = Path(args.run_dir) / "config.yaml"
-    else:
-        config_path = Path(args.config)
-    cfg = load_config(config_path, args.override)
+    cfg = load_config(config_path_of(args), args.override)
     summary = run_training(cfg, Path(args.run_dir) if args.run_dir else None, resume=args.resume)
     from . import dist
 
@@ -127,13 +130,7 @@ def _cmd_continual(args: argparse.Namespace) -> int:
     from .continual.runner import load_continual_config, run_continual
     from .trainer import default_run_dir
 
-    if args.config is None:
-        if not (args.resume and args.run_dir):
-            raise KbricksError("give a config file, or --resume with --run-dir to continue a run")
-        config_path = Path(args.run_dir) / "config.yaml"
-    else:
-        config_path = Path(args.config)
-    cfg = load_continual_config(config_path, args.override)
+    cfg = load_continual_config(config_path_of(args), args.override)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     result = run_continual(cfg, run_dir, resume=args.resume)
     print(json.dumps({k: v for k, v in result.items() if k != "accuracy_matrix"} | {"run_dir": str(run_dir)}, indent=2))

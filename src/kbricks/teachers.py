@@ -7,14 +7,13 @@ pipeline is fed correctly: inputs are re-normalised from the student's statistic
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .checkpoint import load_safetensors, load_state_into
+from .checkpoint import load_safetensors, load_state_into, read_json
 from .data import Task
 from .errors import CheckpointError, ConfigError
 from .models import create_model
@@ -26,12 +25,7 @@ def read_model_card(path: Union[str, Path]) -> Tuple[Dict[str, Any], Path]:
     """``path`` is a run directory or its ``model.json``; returns (card, directory)."""
     p = Path(path)
     card_path = p / "model.json" if p.is_dir() else p
-    if not card_path.exists():
-        raise CheckpointError(f"no trained model at {str(path)!r} (expected a run directory with model.json)")
-    try:
-        card = json.loads(card_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{card_path} is not valid JSON: {exc}") from None
+    card = read_json(card_path, f"no trained model at {str(path)!r} (expected a run directory with model.json)")
     if not card.get("loadable_as_classifier", True):
         raise CheckpointError(f"{card_path} describes a {card.get('method')!r} run, not one network; load its bricks instead")
     return card, card_path.parent

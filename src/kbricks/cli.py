@@ -156,8 +156,15 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import reproduce, write_reproduction
 
     if args.tables_only:
+        from .reproduce import update_readme
+        from .results_tables import write_results
+
         runs = Path(args.out) / ("runs-quick" if args.quick else "runs")
-        print(write_reproduction(runs, Path(args.out), args.quick, 0.0, "kbricks reproduce --tables-only"))
+        if not args.quick:
+            write_results(runs, Path(args.out))
+            if Path("README.md").exists():
+                update_readme(Path("README.md"), runs)
+        print(write_reproduction(runs, Path(args.out), args.quick, args.minutes, "kbricks reproduce"))
         return 0
     path = reproduce(args.quick, Path(args.out))
     print(path.read_text())
@@ -215,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--quick", action="store_true", help="small budgets, 3 seeds, under 10 minutes on 2 cores")
     rep.add_argument("--out", default="results")
     rep.add_argument("--tables-only", action="store_true", help="only re-evaluate the claims from existing runs")
+    rep.add_argument("--minutes", type=float, default=0.0, help="with --tables-only: the measured run time to record")
     rep.set_defaults(func=_cmd_reproduce)
 
     rp = sub.add_parser("report", help="write RESULTS.md tables and plots from the studies' study.json files")

@@ -196,6 +196,25 @@ def write_reproduction(runs: Path, out: Path, quick: bool, minutes: float, comma
     return path
 
 
+def readme_summary(runs: Path) -> str:
+    """The claims table in README form (the README's Results section is regenerated from it)."""
+    rows = evaluate_claims(runs)
+    lines = ["| area | claim | ours | verdict |", "|---|---|---|---|"]
+    lines += [f"| {r['area']} | {r['paper']} | {r['ours']} | {r['verdict']} |" for r in rows]
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, runs: Path) -> None:
+    """Replace the block between the README's results markers with the current claims table."""
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        return
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{readme_summary(runs)}\n{end}{tail}")
+
+
 def reproduce(quick: bool, out: Path = Path("results"), log: Callable[[str], None] = print) -> Path:
     runs = out / ("runs-quick" if quick else "runs")
     t0 = time.time()
@@ -207,4 +226,7 @@ def reproduce(quick: bool, out: Path = Path("results"), log: Callable[[str], Non
     minutes = (time.time() - t0) / 60
     if not quick:
         write_results(runs, out)
+        readme = Path("README.md")
+        if readme.exists():
+            update_readme(readme, runs)
     return write_reproduction(runs, out, quick, minutes, "kbricks reproduce" + (" --quick" if quick else ""))

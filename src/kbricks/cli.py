@@ -117,7 +117,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     if args.kind == "sskt":
         summary = run_sskt_study(args.seeds, Path(args.out), quick=args.quick)
     elif args.kind == "cl":
-        summary = run_cl_study(args.seeds, Path(args.out), quick=args.quick)
+        summary = run_cl_study(args.seeds, Path(args.out), quick=args.quick, scenario=args.scenario)
     else:
         if args.dataset is None:
             raise KbricksError("study kf needs --dataset")
@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("study", help="multi-seed studies: kf (teacher -> KF -> KD -> report) or cl (SupSup vs ImpressLearn)")
     st.add_argument("kind", choices=["kf", "cl", "sskt"])
     st.add_argument("--dataset", choices=["digits", "mnist5k", "dsprites"], help="kf only")
+    st.add_argument("--scenario", choices=["permuted", "rotated"], default="permuted", help="cl only")
     st.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     st.add_argument("--out", default="results/runs")
     st.add_argument("--quick", action="store_true", help="3 epochs per run (smoke test)")

@@ -88,15 +88,21 @@ CL_STUDY = {
     "supsup": ("continual/supsup_permuted.yaml", []),
     "impresslearn_k3": ("continual/impresslearn_permuted.yaml", []),
 }
+# RotatedMNIST with 15-degree steps: neighbouring tasks share structure (ImpressLearn's preview setting)
+CL_ROTATED = ["scenario.name=rotated", "scenario.degrees_per_task=15", "inference.images=[16, 128]"]
 
 
-def run_cl_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """SupSup vs ImpressLearn on PermutedMNIST-5k (5 tasks), each over ``seeds``; finished runs are reused."""
+def run_cl_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Callable[[str], None] = print,
+                 scenario: str = "permuted") -> Dict[str, Any]:
+    """SupSup vs ImpressLearn (5 tasks of PermutedMNIST-5k, or RotatedMNIST-5k with ``scenario="rotated"``),
+    each over ``seeds``; finished runs are reused."""
     import torch
 
     from .continual.runner import load_continual_config, run_continual
 
-    out = Path(out) / "cl" / "permuted"
+    if scenario not in ("permuted", "rotated"):
+        raise ConfigError(f"unknown CL study scenario {scenario!r}; valid: permuted, rotated")
+    out = Path(out) / "cl" / scenario
     quick_over = CL_QUICK if quick else []
     table: Dict[str, Any] = {}
     t0 = time.time()
@@ -108,7 +114,8 @@ def run_cl_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Call
             if done.exists():
                 runs.append(json.loads(done.read_text()))
                 continue
-            cfg = load_continual_config(configs_root() / path, [*over, *quick_over, f"seed={seed}", "plots=true"])
+            scen = CL_ROTATED if scenario == "rotated" else []
+            cfg = load_continual_config(configs_root() / path, [*over, *scen, *quick_over, f"seed={seed}", "plots=true"])
             runs.append(run_continual(cfg, run_dir, resume=(run_dir / "ckpt" / "last.pt").exists()))
             log(f"[cl:{name}] seed {seed}: avg acc {runs[-1]['avg_acc']:.4f}")
         keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -121,7 +128,7 @@ def run_cl_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Call
         stats["final_accs_mean"] = finals.mean(0).tolist()
         stats["final_accs_std"] = (finals.std(0) if len(runs) > 1 else torch.zeros(finals.shape[1])).tolist()
         table[name] = stats
-    summary = {"study": "cl-permuted", "seeds": list(seeds), "quick": quick, "minutes": round((time.time() - t0) / 60, 2), "methods": table}
+    summary = {"study": f"cl-{scenario}", "seeds": list(seeds), "quick": quick, "minutes": round((time.time() - t0) / 60, 2), "methods": table}
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -32,6 +32,11 @@ class ScenarioConfig(Strict):
     num_tasks: int = Field(5, ge=1)
     dataset: str = "mnist5k"
     seed: int = 0
+    degrees_per_task: Optional[float] = Field(None, description="rotated only: angle step (default 360 / num_tasks)")
+
+    def kwargs(self) -> Dict[str, Any]:
+        extra = {"degrees_per_task": self.degrees_per_task} if self.degrees_per_task is not None else {}
+        return {"num_tasks": self.num_tasks, "dataset": self.dataset, "seed": self.seed, **extra}
 
 
 class CLModelConfig(Strict):
@@ -77,7 +82,7 @@ def load_continual_config(path, overrides: Sequence[str] = ()) -> ContinualConfi
         cfg = ContinualConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
-    SCENARIOS.get(cfg.scenario.name)
+    check_kwargs(SCENARIOS.get(cfg.scenario.name), cfg.scenario.kwargs(), f"scenario {cfg.scenario.name!r}")
     check_kwargs(MASKED_MODELS.get(cfg.model.name), {"num_classes": 1, "in_channels": 1, "image_size": 1, **cfg.model.kwargs}, f"model {cfg.model.name!r}")
     method_params(cfg)
     return cfg
@@ -93,7 +98,7 @@ def method_params(cfg: ContinualConfig):
 
 def build(cfg: ContinualConfig):
     seed_everything(cfg.seed)
-    tasks = build_scenario(cfg.scenario.name, num_tasks=cfg.scenario.num_tasks, dataset=cfg.scenario.dataset, seed=cfg.scenario.seed)
+    tasks = build_scenario(cfg.scenario.name, **cfg.scenario.kwargs())
     x = tasks[0].train.x
     kwargs = {"seed": cfg.seed, **cfg.model.kwargs}
     net: SupermaskNet = MASKED_MODELS.create(cfg.model.name, num_classes=max(t.num_classes for t in tasks), in_channels=x.shape[1], image_size=x.shape[-1], **kwargs)

@@ -23,7 +23,7 @@ def test_quick_cl_study_and_report(tmp_path, monkeypatch):
     assert again["methods"]["supsup"]["avg_acc"] == sup["avg_acc"]
     md = write_results(tmp_path / "runs", tmp_path / "results").read_text()
     assert "SupSup vs ImpressLearn" in md and "| supsup |" in md and "| impresslearn_k3 |" in md
-    assert (tmp_path / "results/plots/cl_supsup_accuracy_matrix.png").exists()
+    assert (tmp_path / "results/plots/cl_permuted_supsup_accuracy_matrix.png").exists()
 
 
 @pytest.mark.slow

@@ -51,21 +51,29 @@ def _diff(reports, a: str, b: str) -> Dict[str, float]:
 
 
 def cl_section(runs: Path) -> List[str]:
-    study = _load(runs / "cl" / "permuted" / "study.json")
+    lines: List[str] = []
+    for scenario, title, images in (("permuted", "PermutedMNIST-5k", (1, 16)), ("rotated", "RotatedMNIST-5k, 15° steps", (16, 128))):
+        lines += cl_table(runs, scenario, title, images)
+    return lines
+
+
+def cl_table(runs: Path, scenario: str, title: str, images) -> List[str]:
+    study = _load(runs / "cl" / scenario / "study.json")
     if not study:
         return []
     rows = study["methods"]
     n = len(study["seeds"])
-    lines = ["## Continual learning: SupSup vs ImpressLearn on PermutedMNIST-5k", "",
-             f"5 tasks, MLP 784-300-100-10 at density 0.5, {n} seeds (mean ± std). ImpressLearn k=3: impressions are the "
-             "masks of tasks 1-3, tasks 4-5 are new; k=5: every task has its own impression (the control).", "",
-             "| method | avg accuracy % | forgetting | BWT | stored per task | bytes per task | task-id acc (1 img / 16 img, one-shot) | GN acc 16 img % |",
-             "|---|---|---|---|---|---|---|---|"]
+    a, b = images
+    lines = [f"## Continual learning: SupSup vs ImpressLearn on {title}", "",
+             f"5 tasks, MLP 784-300-100-10 at density 0.5, {n} seeds (mean ± std). ImpressLearn k=3: the impressions are the "
+             "masks of tasks 1-3; tasks 4-5 are new and get only 3 coefficients per layer.", "",
+             f"| method | avg accuracy % | forgetting | BWT | stored per task | bytes per task | task-id acc one-shot ({a} / {b} img) % | task-id acc binary ({a} / {b} img) % | GN acc {b} img % |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, s in rows.items():
         lines.append(
             f"| {name} | {fmt(s['avg_acc'])} | {s['forgetting']['mean']:.4f} | {s['bwt']['mean']:.4f} | {s['params_per_task']['mean']:,.0f} | "
-            f"{s['bytes_per_task']['mean']:,.0f} | {fmt(s.get('task_inference/one_shot/1img'))} / {fmt(s.get('task_inference/one_shot/16img'))} | "
-            f"{fmt(s.get('gn_acc/one_shot/16img'))} |")
+            f"{s['bytes_per_task']['mean']:,.0f} | {fmt(s.get(f'task_inference/one_shot/{a}img'))} / {fmt(s.get(f'task_inference/one_shot/{b}img'))} | "
+            f"{fmt(s.get(f'task_inference/binary/{a}img'))} / {fmt(s.get(f'task_inference/binary/{b}img'))} | {fmt(s.get(f'gn_acc/one_shot/{b}img'))} |")
     lines += ["", "Final accuracy per task (%, mean over seeds):", "", "| method | " + " | ".join(f"task {i + 1}" for i in range(len(next(iter(rows.values()))["final_accs_mean"]))) + " |",
               "|---|" + "---|" * len(next(iter(rows.values()))["final_accs_mean"])]
     for name, s in rows.items():
@@ -109,11 +117,12 @@ def copy_plots(runs: Path, dest: Path) -> None:
     import shutil
 
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("supsup", "impresslearn_k3"):
-        for kind in ("accuracy_matrix", "accuracy_curves"):
-            src = runs / "cl" / "permuted" / f"{name}-seed0" / "plots" / f"{kind}.png"
-            if src.exists():
-                shutil.copy(src, dest / f"cl_{name}_{kind}.png")
+    for scenario in ("permuted", "rotated"):
+        for name in ("supsup", "impresslearn_k3"):
+            for kind in ("accuracy_matrix", "accuracy_curves"):
+                src = runs / "cl" / scenario / f"{name}-seed0" / "plots" / f"{kind}.png"
+                if src.exists():
+                    shutil.copy(src, dest / f"cl_{scenario}_{name}_{kind}.png")
     for dataset in ("digits", "mnist5k", "dsprites"):
         src = runs / "kf" / dataset / "kf-seed0" / "plots" / "curves.png"
         if src.exists():

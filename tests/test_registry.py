@@ -55,6 +55,6 @@ def test_global_registries_hold_the_documented_names():
     from kbricks.models import list_models
 
     assert {"mlp", "small_cnn", "resnet20", "resnet32", "resnet56", "resnet18", "wrn28_2", "mobilenetv2"} <= set(list_models())
-    assert list_models("resnet*") == ["resnet18", "resnet20", "resnet32", "resnet56"]
+    assert list_models("resnet*") == ["resnet18", "resnet20", "resnet32", "resnet56", "resnet8"]
     assert {"digits", "mnist5k", "dsprites", "cifar10", "cifar100", "imagefolder", "npz", "mnist_idx"} <= set(list_datasets())
     assert "supervised" in list_methods()

@@ -272,3 +272,18 @@ def test_kf_run_is_not_loadable_as_a_teacher(kf_run):
 
     with pytest.raises(CheckpointError, match="load its bricks instead"):
         load_trained_model(kf_run[0])
+
+
+def test_assemble_cli_evaluates_against_the_teacher(kf_run, tmp_path, capsys):
+    from kbricks.cli import main
+
+    d, summary = kf_run
+    b = d / "bricks"
+    assert main(["assemble", str(b / "ckn.json"), str(b / "tsn-classes_0-1-2-3-4.json"), str(b / "tsn-classes_5-6-7-8-9.json"),
+                 "--out", str(tmp_path / "asm"), "--evaluate"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["classes"] == list(range(10)) and (tmp_path / "asm/assembled.safetensors").exists()
+    assert out["assembled/acc"] == pytest.approx(summary["final"]["test/acc"])  # same test split, same network
+    assert 0.5 < out["teacher/acc"] <= 1.0
+    assert main(["assemble", str(b / "ckn.json"), str(b / "ckn.json"), "--out", str(tmp_path / "bad")]) == 2
+    assert "not a TSN" in capsys.readouterr().err

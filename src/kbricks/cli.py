@@ -84,12 +84,9 @@ def evaluate_assembled(net) -> dict:
     from .trainer import build_transform, load_data
 
     prov = net.manifests[0]["provenance"]
-
-    class _Cfg:  # the subset of RunConfig that load_data/build_transform read
-        data = DataConfig.model_validate(prov["data"])
-
-    data = load_data(_Cfg)
-    transform = build_transform(_Cfg, data.train)
+    data_cfg = DataConfig.model_validate(prov["data"])
+    data = load_data(data_cfg)
+    transform = build_transform(data_cfg, data.train)
     test = data.test
     if net.is_class_union:
         test = test.subset(torch.isin(test.y, torch.tensor(net.classes)).nonzero().squeeze(1))

@@ -18,7 +18,7 @@ import torch
 
 from . import dist
 from .checkpoint import fingerprint, load_checkpoint, load_state_into, save_checkpoint, save_safetensors
-from .config import RunConfig, save_config
+from .config import DataConfig, RunConfig, save_config
 from .data import ArrayDataset, BatchAugment, DataSplits, Task, build_tasks, channel_stats, load_dataset
 from .errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from .hooks import CsvSummary, Hook, JsonlLogger, PlotCurves, ProgressBar, read_jsonl
@@ -38,29 +38,29 @@ class Experiment:
     device: torch.device
 
 
-def load_data(cfg: RunConfig) -> DataSplits:
-    kwargs = dict(cfg.data.kwargs)
-    if cfg.data.root is not None:
-        kwargs["root"] = cfg.data.root
-    splits = load_dataset(cfg.data.name, **kwargs)
-    if cfg.data.train_subset is not None:
-        splits.train = splits.train.subset(torch.arange(min(cfg.data.train_subset, len(splits.train))))
+def load_data(data: DataConfig) -> DataSplits:
+    kwargs = dict(data.kwargs)
+    if data.root is not None:
+        kwargs["root"] = data.root
+    splits = load_dataset(data.name, **kwargs)
+    if data.train_subset is not None:
+        splits.train = splits.train.subset(torch.arange(min(data.train_subset, len(splits.train))))
     return splits
 
 
-def build_transform(cfg: RunConfig, train: ArrayDataset) -> BatchAugment:
+def build_transform(data: DataConfig, train: ArrayDataset) -> BatchAugment:
     mean = std = None
-    if cfg.data.augment.normalize:
+    if data.augment.normalize:
         mean, std = channel_stats(train.x)
-    return BatchAugment(cfg.data.augment.crop_padding, cfg.data.augment.hflip, mean, std)
+    return BatchAugment(data.augment.crop_padding, data.augment.hflip, mean, std)
 
 
 def build_experiment(cfg: RunConfig, device: Optional[torch.device] = None) -> Experiment:
     device = device or pick_device(cfg.train.device)
     seed_everything(cfg.seed)  # model initialisation is a function of the seed only
-    data = load_data(cfg)
+    data = load_data(cfg.data)
     tasks = build_tasks(cfg.data.tasks, data.train)
-    transform = build_transform(cfg, data.train)
+    transform = build_transform(cfg.data, data.train)
     method = create_method(MethodContext(cfg, data.train, tasks, device, transform)).to(device)
     return Experiment(cfg, data, tasks, method, transform, device)
 

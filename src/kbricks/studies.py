@@ -115,7 +115,7 @@ def run_cl_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Call
                 runs.append(json.loads(done.read_text()))
                 continue
             scen = CL_ROTATED if scenario == "rotated" else []
-            cfg = load_continual_config(configs_root() / path, [*over, *scen, *quick_over, f"seed={seed}", "plots=true"])
+            cfg = load_continual_config(configs_root() / path, [*over, *scen, *quick_over, f"seed={seed}", "plots=true", f"name={name}-{scenario}"])
             runs.append(run_continual(cfg, run_dir, resume=(run_dir / "ckpt" / "last.pt").exists()))
             log(f"[cl:{name}] seed {seed}: avg acc {runs[-1]['avg_acc']:.4f}")
         keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]

@@ -57,14 +57,14 @@ def kf_assembled_claim(dataset: str) -> Callable[[Path], Optional[Verdict]]:
     return check
 
 
-def kf_pair_claim(key_kf: str, key_kd: str, label: str) -> Callable[[Path], Optional[Verdict]]:
+def kf_pair_claim(key_kf: str, key_kd: str, label: str, scale: float = 100.0, digits: int = 2) -> Callable[[Path], Optional[Verdict]]:
     def check(runs: Path) -> Optional[Verdict]:
         reps = _kf_reports(runs, "dsprites")
         if not reps or key_kf not in reps[0]:
             return None
         kf, kd = [r[key_kf] for r in reps], [r[key_kd] for r in reps]
         diff = [a - b for a, b in zip(kf, kd)]
-        return _grade(all(x > 0 for x in diff), statistics.mean(diff) > 0), f"{label}: KF {_ms(kf)} vs KD {_ms(kd)}"
+        return _grade(all(x > 0 for x in diff), statistics.mean(diff) > 0), f"{label}: KF {_ms(kf, scale, digits)} vs KD {_ms(kd, scale, digits)} (higher in KF in {sum(x > 0 for x in diff)}/{len(diff)} seeds)"
     return check
 
 
@@ -158,9 +158,9 @@ CLAIMS: List[Claim] = [
     Claim("KF", "Same, MNIST-5k", kf_factor_claim("mnist5k")),
     Claim("KF", "Factor networks assemble into a multi-task network without fine-tuning; issue bar: within 1 point of the teacher, digits", kf_assembled_claim("digits")),
     Claim("KF", "Same, MNIST-5k", kf_assembled_claim("mnist5k")),
-    Claim("KF", "Task-specific representations are more disentangled than a KD student's (dSprites; MIG)", kf_pair_claim("kf/mig", "kd/mig", "MIG")),
-    Claim("KF", "Common knowledge transfers better than KD-student features (linear probe of held-out pos_x)", kf_pair_claim("transfer/kf_ckn/pos_x", "transfer/kd/pos_x", "probe pos_x")),
-    Claim("KF", "Same for pos_y", kf_pair_claim("transfer/kf_ckn/pos_y", "transfer/kd/pos_y", "probe pos_y")),
+    Claim("KF", "Task-specific representations are more disentangled than a KD student's (dSprites; MIG)", kf_pair_claim("kf/mig", "kd/mig", "MIG (0-1)", 1.0, 3)),
+    Claim("KF", "Common knowledge transfers better than KD-student features (linear probe of held-out pos_x)", kf_pair_claim("transfer/kf_ckn/pos_x", "transfer/kd/pos_x", "probe pos_x %")),
+    Claim("KF", "Same for pos_y", kf_pair_claim("transfer/kf_ckn/pos_y", "transfer/kd/pos_y", "probe pos_y %")),
     Claim("SupSup/ImpressLearn", "No forgetting: old tasks are unchanged by later tasks (both methods)", cl_forgetting),
     Claim("ImpressLearn", "Orders of magnitude fewer parameters per task than SupSup", cl_params),
     Claim("ImpressLearn", "A combination of a few impressions is comparable to a dedicated mask; issue bar: within 2 points of SupSup, PermutedMNIST-5k", cl_accuracy),

@@ -161,7 +161,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             write_results(runs, Path(args.out))
             if Path("README.md").exists():
                 update_readme(Path("README.md"), runs)
-        print(write_reproduction(runs, Path(args.out), args.quick, args.minutes, "kbricks reproduce"))
+        print(write_reproduction(runs, Path(args.out), args.quick, args.minutes, "kbricks reproduce --tables-only"))
         return 0
     path = reproduce(args.quick, Path(args.out))
     print(path.read_text())

@@ -93,7 +93,6 @@ def test_shipped_configs_are_valid():
     import os
 
     from conftest import REPO
-
     from kbricks.continual.runner import load_continual_config
 
     paths = glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -112,11 +112,3 @@ def report_row(report: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in report.items() if not isinstance(v, (list, dict))}
 
 
-def summarize_seeds(reports: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
-    """mean and (sample) std of every numeric entry over seeds."""
-    keys = [k for k, v in reports[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    out = {}
-    for k in keys:
-        vals = torch.tensor([float(r[k]) for r in reports if k in r], dtype=torch.float64)
-        out[k] = {"mean": vals.mean().item(), "std": vals.std().item() if len(vals) > 1 else 0.0, "n": len(vals)}
-    return out

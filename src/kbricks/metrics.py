@@ -10,6 +10,18 @@ from . import dist
 from .data import ArrayDataset, Task
 
 
+def mean_std(values: Sequence[float]) -> Dict[str, float]:
+    """Mean, sample standard deviation (0 for one value) and count: the summary of a metric over seeds."""
+    v = torch.tensor([float(x) for x in values], dtype=torch.float64)
+    return {"mean": v.mean().item(), "std": v.std().item() if len(v) > 1 else 0.0, "n": len(v)}
+
+
+def summarize_runs(rows: Sequence[Dict[str, object]]) -> Dict[str, Dict[str, float]]:
+    """``mean_std`` of every numeric (non-bool) entry of the first row, over the rows that have it."""
+    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return {k: mean_std([r[k] for r in rows if k in r]) for k in keys}
+
+
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     if targets.numel() == 0:
         return float("nan")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .metrics import mean_std
 from .studies import fmt
 
 
@@ -44,10 +45,7 @@ def kf_section(runs: Path) -> List[str]:
 
 
 def _diff(reports, a: str, b: str) -> Dict[str, float]:
-    import torch
-
-    d = torch.tensor([r[a] - r[b] for r in reports], dtype=torch.float64)
-    return {"mean": d.mean().item(), "std": d.std().item() if len(d) > 1 else 0.0}
+    return mean_std([r[a] - r[b] for r in reports])
 
 
 def cl_section(runs: Path) -> List[str]:

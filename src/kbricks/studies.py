@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from . import dist
 from .config import load_config
 from .errors import ConfigError
+from .metrics import mean_std, summarize_runs
 
 
 def configs_root() -> Path:
@@ -51,7 +52,7 @@ KF_STUDIES = {
 def run_kf_study(dataset: str, seeds: Sequence[int], out: Path, quick: bool = False,
                  log: Callable[[str], None] = print) -> Dict[str, Any]:
     """For each seed: train the teacher, factorize it (KF), distil a same-size KD student, report."""
-    from .kf_report import kf_report, summarize_seeds
+    from .kf_report import kf_report
 
     if dataset not in KF_STUDIES:
         raise ConfigError(f"unknown KF study {dataset!r}; valid: {', '.join(KF_STUDIES)}")
@@ -72,7 +73,7 @@ def run_kf_study(dataset: str, seeds: Sequence[int], out: Path, quick: bool = Fa
             reports.append(kf_report(out / f"kf-seed{seed}", baseline=out / f"kd-seed{seed}"))
             log(f"[kf:{dataset}] seed {seed}: teacher {reports[-1]['teacher/acc']:.4f} assembled {reports[-1]['assembled/acc']:.4f}")
     summary = {"study": f"kf-{dataset}", "seeds": list(seeds), "quick": quick, "minutes": round((time.time() - t0) / 60, 2),
-               "metrics": summarize_seeds(reports) if reports else {}}
+               "metrics": summarize_runs(reports) if reports else {}}
     if dist.is_main_process():
         (out / "study.json").write_text(json.dumps({"summary": summary, "reports": reports}, indent=2))
     return summary
@@ -118,11 +119,7 @@ def run_cl_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Call
             cfg = load_continual_config(configs_root() / path, [*over, *scen, *quick_over, f"seed={seed}", "plots=true", f"name={name}-{scenario}"])
             runs.append(run_continual(cfg, run_dir, resume=(run_dir / "ckpt" / "last.pt").exists()))
             log(f"[cl:{name}] seed {seed}: avg acc {runs[-1]['avg_acc']:.4f}")
-        keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        stats = {}
-        for k in keys:
-            vals = torch.tensor([float(r[k]) for r in runs], dtype=torch.float64)
-            stats[k] = {"mean": vals.mean().item(), "std": vals.std().item() if len(vals) > 1 else 0.0, "n": len(vals)}
+        stats = summarize_runs(runs)
         # per-task final accuracy, to separate impression (seed) tasks from new tasks
         finals = torch.tensor([r["final_accs"] for r in runs], dtype=torch.float64)
         stats["final_accs_mean"] = finals.mean(0).tolist()
@@ -132,13 +129,6 @@ def run_cl_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Call
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _stats(values: Sequence[float]) -> Dict[str, float]:
-    import torch
-
-    v = torch.tensor(list(values), dtype=torch.float64)
-    return {"mean": v.mean().item(), "std": v.std().item() if len(v) > 1 else 0.0, "n": len(v)}
 
 
 def run_sweep(config: Path, seeds: Sequence[int], out: Path, overrides: Sequence[str] = (), paired_split: bool = True) -> Dict[str, Any]:
@@ -153,7 +143,7 @@ def run_sweep(config: Path, seeds: Sequence[int], out: Path, overrides: Sequence
         s = train_or_reuse(Path(config), out / f"seed{seed}", over)
         rows.append({"seed": seed, "last_acc": s["final"]["test/acc"], "best_acc": s["best"]["test/acc"], "best_epoch": s["best"]["epoch"]})
     summary = {"config": str(config), "overrides": list(overrides), "seeds": list(seeds), "paired_split": paired_split,
-               "last_acc": _stats([r["last_acc"] for r in rows]), "best_acc": _stats([r["best_acc"] for r in rows]), "runs": rows}
+               "last_acc": mean_std([r["last_acc"] for r in rows]), "best_acc": mean_std([r["best_acc"] for r in rows]), "runs": rows}
     if dist.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         (out / "sweep.json").write_text(json.dumps(summary, indent=2))
@@ -202,17 +192,17 @@ def run_sskt_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Ca
             runs = []
             for seed in seeds:
                 runs.append(run_sweep(base, [seed], out / name / f"s{seed}", [*over, *quick_over, f"method.teacher={teacher_runs / f'seed{seed}'}"])["runs"][0])
-            results[name] = {"runs": runs, "last_acc": _stats([r["last_acc"] for r in runs]), "best_acc": _stats([r["best_acc"] for r in runs])}
+            results[name] = {"runs": runs, "last_acc": mean_std([r["last_acc"] for r in runs]), "best_acc": mean_std([r["best_acc"] for r in runs])}
         else:
             results[name] = run_sweep(base, seeds, out / name, [*over, *quick_over])
         log(f"[sskt] {name}: {fmt(results[name]['last_acc'])}")
     scratch = [r["last_acc"] for r in results["scratch"]["runs"]]
     for res in results.values():
         deltas = [r["last_acc"] - s for r, s in zip(res["runs"], scratch)]
-        st = _stats(deltas)
+        st = mean_std(deltas)
         res["delta_vs_scratch"] = {"mean": st["mean"], "sem": st["std"] / max(1, len(deltas)) ** 0.5, "wins": sum(d > 0 for d in deltas), "n": len(deltas)}
     summary = {"study": "sskt-digits10", "seeds": list(seeds), "quick": quick, "minutes": round((time.time() - t0) / 60, 2),
-               "source_acc": src_acc, "kd_teacher_acc": _stats(teacher_acc), "methods": results}
+               "source_acc": src_acc, "kd_teacher_acc": mean_std(teacher_acc), "methods": results}
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(summary, indent=2))
     return summary

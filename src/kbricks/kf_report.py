@@ -71,13 +71,11 @@ def kf_report(run_dir: Path, baseline: Optional[Path] = None, checkpoint: str = 
     report.update(_prefixed(ev(Predictor(net)), "assembled"))
     report["assembled_matches_factors"] = report["assembled/acc"] == report["kf/acc"]
     if all(t.classes is not None for t in tasks) and len(tasks) > 1:
-        # every single brick, assembled alone: a classifier over its own classes, vs the teacher on those classes
+        # every single brick, assembled alone: a classifier over its own classes, scored on those classes
         for t, path in zip(tasks, tsn_paths):
             solo = assemble(bricks / "ckn.json", [path])
-            sub = t.select(test)
             sub_global = test.subset(t.member_mask(test.y).nonzero().squeeze(1))
             report[f"assembled_single/{t.name}"] = evaluate(Predictor(solo), sub_global, [t], tf, exp.device)["acc"]
-            del sub
 
     kd = None
     if baseline is not None:

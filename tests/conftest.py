@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture
 def tiny_cfg():
     """A digits MLP config that trains in about a second."""
-    from kbricks.config import build_config
+    from kbricks import build_config
 
     def make(**over):
         data = {

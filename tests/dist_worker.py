@@ -7,10 +7,10 @@ import sys
 
 import torch
 
-from kbricks import dist
-from kbricks.config import build_config
-from kbricks.hooks import Hook
-from kbricks.trainer import run_training
+from kbricks.core import dist
+from kbricks import build_config
+from kbricks.core.hooks import Hook
+from kbricks.engine.trainer import run_training
 
 out_dir, batch_size = sys.argv[1], int(sys.argv[2])
 torch.set_num_threads(1)

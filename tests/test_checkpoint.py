@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kbricks.checkpoint import (
+from kbricks.core.checkpoint import (
     fingerprint,
     load_checkpoint,
     load_safetensors,

@@ -5,13 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kbricks.bricks import BrickMismatchError, assemble, load_brick, save_assembled
-from kbricks.checkpoint import load_safetensors, save_safetensors
-from kbricks.config import build_config
+from kbricks.methods.kf.bricks import BrickMismatchError, assemble, load_brick, save_assembled
+from kbricks.core.checkpoint import load_safetensors, save_safetensors
+from kbricks import build_config
 from kbricks.errors import CheckpointError
-from kbricks.methods.distill import kd_loss
+from kbricks.methods.kd import kd_loss
 from kbricks.methods.kf import gaussian_kl, imb_loss, info_nce, merge_other
-from kbricks.trainer import build_experiment, run_training
+from kbricks.engine.experiment import build_experiment
+from kbricks.engine.trainer import run_training
 
 # ---- loss terms ---------------------------------------------------------------------------------------------
 
@@ -116,14 +117,14 @@ def test_tiny_factorization_beats_chance_and_writes_bricks(kf_run):
     assert names == sorted(["ckn.json", "ckn.safetensors", "tsn-classes_0-1-2-3-4.json", "tsn-classes_0-1-2-3-4.safetensors",
                             "tsn-classes_5-6-7-8-9.json", "tsn-classes_5-6-7-8-9.safetensors"])
     card = json.loads((d / "model.json").read_text())
-    assert card["loadable_as_classifier"] is False
+    assert card["network"] == "factors"
 
 
 def test_assembled_outputs_equal_per_brick_outputs(kf_run, teacher_dir):
     d, _ = kf_run
     cfg = _kf_cfg(teacher_dir)
     exp = build_experiment(cfg)
-    from kbricks.checkpoint import load_checkpoint
+    from kbricks.core.checkpoint import load_checkpoint
 
     exp.method.load_state_dict(load_checkpoint(d / "ckpt/last.pt")["model"])
     exp.method.eval()
@@ -198,13 +199,13 @@ def test_mismatched_bricks_are_refused(kf_run, teacher_dir, tmp_path):
 
 
 def test_kf_report_with_kd_baseline(kf_run, teacher_dir, tmp_path):
-    from kbricks.kf_report import kf_report
+    from kbricks.engine.evaluate import evaluate_run
 
     d, _ = kf_run
     kd = tmp_path / "kd"
     kd_cfg = _cfg({"model": {"name": "small_cnn", "kwargs": {"widths": [8, 16]}}, "method": {"name": "kd", "teacher": str(teacher_dir)}}, "train.epochs=2")
     run_training(kd_cfg, kd)
-    r = kf_report(d, baseline=kd)
+    r = evaluate_run(d, baseline=kd)
     assert r["assembled_matches_factors"] is True
     for k in ("kf/acc", "teacher/acc", "kd/acc", "assembled/acc", "kd/acc_classes_0-1-2-3-4", "assembled_single/classes_5-6-7-8-9"):
         assert 0.0 <= r[k] <= 1.0, k
@@ -213,7 +214,7 @@ def test_kf_report_with_kd_baseline(kf_run, teacher_dir, tmp_path):
 
 
 def test_kf_on_dsprites_latent_tasks_reports_mig_and_transfer(tmp_path):
-    from kbricks.kf_report import kf_report
+    from kbricks.engine.evaluate import evaluate_run
 
     base = {"data": {"name": "dsprites", "kwargs": {"n_samples": 600, "image_size": 16, "num_orientations": 4, "num_positions": 4},
                      "tasks": {"latents": ["shape", "scale", "orientation", "pos_x", "pos_y"]}, "augment": {"normalize": False}},
@@ -228,7 +229,7 @@ def test_kf_on_dsprites_latent_tasks_reports_mig_and_transfer(tmp_path):
     kd = json.loads(json.dumps(kf))
     kd["method"] = {"name": "kd", "teacher": str(tmp_path / "t")}
     run_training(build_config(kd), tmp_path / "kd")
-    r = kf_report(tmp_path / "kf", baseline=tmp_path / "kd")
+    r = evaluate_run(tmp_path / "kf", baseline=tmp_path / "kd")
     assert 0 <= r["kf/mig"] <= 1 and 0 <= r["kd/mig"] <= 1
     for feats in ("kf_ckn", "kd", "teacher"):
         for latent in ("orientation", "pos_x", "pos_y"):  # the latents that are not KF tasks
@@ -253,7 +254,7 @@ def test_kd_teacher_frozen_and_in_eval_mode(teacher_dir):
 
 
 def test_teacher_renormalises_inputs(teacher_dir):
-    from kbricks.teachers import load_frozen, load_trained_model
+    from kbricks.models.frozen import load_frozen, load_trained_model
 
     net, card = load_trained_model(teacher_dir)
     mean, std = card["normalize"]["mean"], card["normalize"]["std"]
@@ -268,7 +269,7 @@ def test_teacher_renormalises_inputs(teacher_dir):
 
 
 def test_kf_run_is_not_loadable_as_a_teacher(kf_run):
-    from kbricks.teachers import load_trained_model
+    from kbricks.models.frozen import load_trained_model
 
     with pytest.raises(CheckpointError, match="load its bricks instead"):
         load_trained_model(kf_run[0])

@@ -5,13 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kbricks.config import build_config
+from kbricks import build_config
 from kbricks.errors import ConfigError
 from kbricks.methods import Batch
 from kbricks.methods.dml import dml_loss
 from kbricks.methods.maxl import focal_loss, hierarchy_mask, masked_softmax, negative_entropy_of_mean
 from kbricks.methods.sskt import soft_cross_entropy, sskt_loss
-from kbricks.trainer import build_experiment, run_training
+from kbricks.engine.experiment import build_experiment
+from kbricks.engine.trainer import run_training
 
 # ---- pure losses against hand-computed values ----------------------------------------------------------------
 
@@ -122,8 +123,8 @@ def test_sources_get_no_gradient_and_stay_in_eval(sources):
 
 
 def test_heads_are_dropped_from_the_exported_model(sources, tmp_path):
-    from kbricks.checkpoint import load_safetensors
-    from kbricks.teachers import load_trained_model
+    from kbricks.core.checkpoint import load_safetensors
+    from kbricks.models.frozen import load_trained_model
 
     run_training(cfg_with({"name": "sskt", "sources": [str(sources["mnist8"])], "transfer_module": True}), tmp_path / "s")
     run_training(cfg_with({"name": "supervised"}), tmp_path / "plain")
@@ -184,7 +185,7 @@ def test_few_label_split():
 def test_sweep_writes_mean_and_std(tmp_path):
     import yaml
 
-    from kbricks.studies import run_sweep
+    from kbricks.engine.sweep import run_sweep
 
     p = tmp_path / "c.yaml"
     data = json.loads(json.dumps(BASE))

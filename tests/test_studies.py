@@ -2,16 +2,15 @@ import json
 
 import pytest
 
-from kbricks.results_tables import write_results
-from kbricks.studies import run_cl_study, run_kf_study
+from kbricks.studies import run_cl_study, run_kf_study, write_results
 
 
 def test_quick_cl_study_and_report(tmp_path, monkeypatch):
-    from kbricks import studies
+    from kbricks.studies import cl
 
     # an even smaller budget than --quick, to keep the unit test fast
-    tiny = ["train.steps_per_task=40", "inference.trials_per_task=2", "scenario.num_tasks=3", "scenario.dataset=digits"]
-    monkeypatch.setattr(studies, "CL_QUICK", tiny)
+    tiny = ["train.epochs=4", "inference.trials_per_task=2", "data.scenario.num_tasks=3", "data.name=digits"]
+    monkeypatch.setattr(cl, "CL_QUICK", tiny)
     summary = run_cl_study([0, 1], tmp_path / "runs", quick=True, log=lambda s: None)
     sup, il = summary["methods"]["supsup"], summary["methods"]["impresslearn_k3"]
     assert sup["forgetting"]["mean"] == 0.0 and il["forgetting"]["mean"] == 0.0
@@ -37,10 +36,9 @@ def test_kf_digits_factor_and_assembled_within_one_point_of_teacher(tmp_path):
 
 
 def test_claims_are_evaluated_from_study_outputs(tmp_path, monkeypatch):
-    from kbricks import studies
-    from kbricks.reproduce import CLAIMS, evaluate_claims, write_reproduction
+    from kbricks.studies import CLAIMS, cl, evaluate_claims, write_reproduction
 
-    monkeypatch.setattr(studies, "CL_QUICK", ["train.steps_per_task=40", "inference.trials_per_task=2", "scenario.num_tasks=4", "scenario.dataset=digits"])
+    monkeypatch.setattr(cl, "CL_QUICK", ["train.epochs=4", "inference.trials_per_task=2", "data.scenario.num_tasks=4", "data.name=digits"])
     run_cl_study([0], tmp_path / "runs", quick=True, log=lambda s: None)
     rows = evaluate_claims(tmp_path / "runs")
     assert len(rows) == len(CLAIMS)

@@ -1,7 +1,9 @@
-"""Run configuration: YAML -> pydantic models with unknown keys rejected, plus ``-o a.b=c`` overrides.
+"""Run configuration schema: YAML -> pydantic models with unknown keys rejected, plus ``-o a.b=c`` overrides.
 
-Each method declares its own ``Config`` (next to its loss); ``method.*`` keys are validated against it, so a
-typo anywhere fails with the full key path, e.g. ``method.temprature: unknown key``.
+One schema for every run: a plain training run, or a continual run when ``data.scenario`` is set. This module knows
+nothing about methods, models or datasets: the engine (``kbricks.engine.experiment.build_config``) checks names and
+``method.*`` keys against the registries, so a typo anywhere fails with the full key path, e.g.
+``method.temprature: unknown key``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,17 @@ class AugmentConfig(Strict):
     normalize: bool = True  # per-channel mean/std measured on the training set
 
 
+class ScenarioConfig(BaseModel):
+    """A continual scenario over the dataset: ``name`` (permuted, rotated, split, ...) plus that scenario's own
+    arguments (``num_tasks``, ``degrees_per_task``, ``seed`` ...), checked against its signature by the engine."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    def kwargs(self) -> Dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class DataConfig(Strict):
     name: str
     root: Optional[str] = None
@@ -49,6 +62,7 @@ class DataConfig(Strict):
     tasks: Optional[TasksConfig] = None
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train_subset: Optional[int] = Field(None, ge=1, description="keep the first N training samples (after the seeded split)")
+    scenario: Optional[ScenarioConfig] = Field(None, description="continual learning: the sequence of tasks")
 
 
 class ModelConfig(Strict):
@@ -67,16 +81,23 @@ class MethodConfig(BaseModel):
 
 
 class OptimConfig(Strict):
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd"
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
-    milestones: List[int] = Field(default_factory=list)
-    gamma: float = 0.1
+    milestones: List[int] = Field(default_factory=list, description="epochs at which the step schedule multiplies lr by gamma")
+    gamma: float = Field(0.1, gt=0, le=1)
     scale_lr_with_world_size: bool = False  # linear scaling rule for DDP
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, v: List[int]) -> List[int]:
+        if any(m < 1 for m in v) or v != sorted(set(v)):
+            raise ValueError("milestones must be strictly increasing epoch numbers >= 1")
+        return v
 
 
 class TrainConfig(Strict):
@@ -92,11 +113,21 @@ class TrainConfig(Strict):
     num_threads: Optional[int] = Field(None, ge=1)
     progress: Literal["auto", "on", "off"] = "auto"
     plots: bool = True
+    ddp_timeout_s: float = Field(1800.0, gt=0, description="how long DDP ranks wait for a stopped rank")
+    sync_batchnorm: bool = Field(False, description="DDP: BatchNorm statistics over the global batch")
 
     @field_validator("progress", mode="before")
     @classmethod
     def _yaml_booleans(cls, v):  # YAML reads a bare on/off as a boolean
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+
+class InferenceConfig(Strict):
+    """Continual runs: task inference when the task id is missing (SupSup's GN setting)."""
+
+    images: List[int] = Field(default_factory=lambda: [1, 16], description="images per inference batch")
+    trials_per_task: int = Field(20, ge=1)
+    methods: List[Literal["one_shot", "binary"]] = Field(default_factory=lambda: ["one_shot", "binary"])
 
 
 class RunConfig(Strict):
@@ -108,6 +139,17 @@ class RunConfig(Strict):
     method: MethodConfig = Field(default_factory=MethodConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    inference: Optional[InferenceConfig] = Field(None, description="continual runs only")
+
+    @model_validator(mode="after")
+    def _inference_only_for_continual(self) -> "RunConfig":
+        if self.inference is not None and self.data.scenario is None:
+            raise ValueError("inference: task inference needs a continual run (set data.scenario)")
+        return self
+
+    @property
+    def is_continual(self) -> bool:
+        return self.data.scenario is not None
 
     def to_dict(self) -> Dict[str, Any]:
         return self.model_dump(mode="json")
@@ -172,45 +214,17 @@ def read_yaml(path: Path) -> Dict[str, Any]:
     return data
 
 
-def build_config(data: Dict[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
+def parse_config(data: Dict[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
+    """The schema only: structure, types and unknown keys. Use ``kbricks.build_config`` for a fully checked config."""
     merged = apply_overrides(data, overrides)
     try:
-        cfg = RunConfig.model_validate(merged)
+        return RunConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
-    validate_names(cfg)
-    validate_method_params(cfg)
-    return cfg
 
 
-def validate_names(cfg: RunConfig) -> None:
-    """Fail at load time (not mid-run) on unknown dataset/model names or constructor arguments."""
-    from .data import DATASETS
-    from .models import MODELS
-    from .registry import check_kwargs
-
-    data_kwargs = dict(cfg.data.kwargs, **({"root": cfg.data.root} if cfg.data.root is not None else {}))
-    check_kwargs(DATASETS.get(cfg.data.name), data_kwargs, f"dataset {cfg.data.name!r} (data.kwargs / data.root)")
-    auto = {"num_classes": 0, "in_channels": 1, "image_size": 1}
-    reserved = sorted(set(auto) & set(cfg.model.kwargs))
-    if reserved:
-        raise ConfigError(f"model.kwargs must not set {reserved}: they are taken from the data")
-    check_kwargs(MODELS.get(cfg.model.name), {**auto, **cfg.model.kwargs}, f"model {cfg.model.name!r} (model.kwargs)")
-
-
-def load_config(path, overrides: Sequence[str] = ()) -> RunConfig:
-    return build_config(read_yaml(Path(path)), overrides)
-
-
-def validate_method_params(cfg: RunConfig):
-    """Check ``method.*`` against the chosen method's own Config; returns the parsed params."""
-    from .methods import METHODS  # late import: methods import config
-
-    method_cls = METHODS.get(cfg.method.name)
-    try:
-        return method_cls.Config.model_validate(cfg.method.params())
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, prefix="method")) from None
+def read_config(path, overrides: Sequence[str] = ()) -> RunConfig:
+    return parse_config(read_yaml(Path(path)), overrides)
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

@@ -1,10 +1,16 @@
-"""Decorator registries: ``@MODELS.register("name")`` then ``MODELS.create("name", **kw)``."""
+"""Decorator registries: ``@MODELS.register("name", tags=("masked",))`` then ``MODELS.create("name", **kw)``.
+
+A registry is filled by the modules that define its entries (imported by their package) and by user code:
+``--import MODULE`` on the command line, or an installed package that declares an entry point in the registry's
+group (``kbricks.models``, ``kbricks.methods``, ``kbricks.datasets``, ``kbricks.scenarios``).
+"""
 
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import inspect
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from .errors import ConfigError
 
@@ -15,25 +21,42 @@ class UnknownNameError(ConfigError, KeyError):
 
 
 class Registry:
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, entry_point_group: Optional[str] = None):
         self.kind = kind
+        self.entry_point_group = entry_point_group
         self._entries: Dict[str, Callable[..., Any]] = {}
+        self._tags: Dict[str, Tuple[str, ...]] = {}
+        self._plugins_loaded = False
 
-    def register(self, name: Optional[str] = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(self, name: Optional[str] = None, tags: Iterable[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def decorator(obj: Callable[..., Any]) -> Callable[..., Any]:
             key = name or obj.__name__
-            if key in self._entries:
+            if key in self._entries and self._entries[key] is not obj:
                 raise ValueError(f"{self.kind} {key!r} is already registered")
             self._entries[key] = obj
+            self._tags[key] = tuple(tags)
             return obj
 
         return decorator
 
+    def _load_plugins(self) -> None:
+        """Entry points of installed packages, loaded once, on the first lookup."""
+        if self._plugins_loaded or self.entry_point_group is None:
+            return
+        self._plugins_loaded = True
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=self.entry_point_group):
+            try:
+                ep.load()
+            except Exception as exc:
+                raise ConfigError(f"entry point {ep.name!r} ({ep.value}) of group {self.entry_point_group!r} failed to load: {exc}") from None
+
     def get(self, name: str) -> Callable[..., Any]:
         if name not in self._entries:
-            raise UnknownNameError(
-                f"unknown {self.kind} {name!r}; valid {self.kind}s: {', '.join(self.names())}"
-            )
+            self._load_plugins()
+        if name not in self._entries:
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; valid {self.kind}s: {', '.join(self.names())}")
         return self._entries[name]
 
     def create(self, name: str, **kwargs: Any) -> Any:
@@ -41,10 +64,16 @@ class Registry:
         check_kwargs(factory, kwargs, f"{self.kind} {name!r}")
         return factory(**kwargs)
 
-    def names(self, pattern: str = "*") -> List[str]:
-        return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
+    def tags(self, name: str) -> Tuple[str, ...]:
+        self.get(name)
+        return self._tags[name]
+
+    def names(self, pattern: str = "*", tag: Optional[str] = None) -> List[str]:
+        self._load_plugins()
+        return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern) and (tag is None or tag in self._tags[n]))
 
     def __contains__(self, name: str) -> bool:
+        self._load_plugins()
         return name in self._entries
 
 
@@ -58,3 +87,18 @@ def check_kwargs(factory: Callable[..., Any], kwargs: Dict[str, Any], what: str)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ConfigError(f"{what} got unknown argument(s) {unknown}; accepted: {accepted}")
+
+
+def import_user_modules(modules: Iterable[str]) -> None:
+    """``--import MODULE``: import user code that registers models, methods or datasets. The working directory is
+    searched too (as ``python -m`` does), so a ``my_models.py`` next to the config is found."""
+    import os
+    import sys
+
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise ConfigError(f"--import {name}: {type(exc).__name__}: {exc}") from None

@@ -1,8 +1,10 @@
-"""Continual learning with supermasks: scenarios, SupSup, ImpressLearn, task inference, CL metrics."""
+"""Continual learning with supermasks: the strategy template, SupSup, ImpressLearn, task inference, CL metrics.
+The task loop that drives a strategy is the engine's (``kbricks.engine.continual``)."""
 
-from .methods import CL_METHODS, ImpressLearn, SupSup
+from .impresslearn import ImpressLearn
+from .inference import infer_task
 from .metrics import cl_metrics
-from .runner import ContinualConfig, load_continual_config, run_continual
-from .scenarios import SCENARIOS, build_scenario
+from .strategy import ContinualStrategy, Stage
+from .supsup import SupSup
 
-__all__ = ["CL_METHODS", "SCENARIOS", "ContinualConfig", "ImpressLearn", "SupSup", "build_scenario", "cl_metrics", "load_continual_config", "run_continual"]
+__all__ = ["ContinualStrategy", "ImpressLearn", "Stage", "SupSup", "cl_metrics", "infer_task"]

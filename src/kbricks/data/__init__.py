@@ -1,9 +1,11 @@
-"""Datasets (embedded, procedural, on-disk), tasks and per-batch augmentations. Nothing is downloaded."""
+"""Datasets (embedded, procedural, on-disk), tasks, continual scenarios and per-batch augmentations.
+Nothing is downloaded."""
 
-from . import dsprites, embedded, formats  # noqa: F401  (registers datasets)
+from . import dsprites, embedded, formats, scenarios  # noqa: F401  (registers datasets and scenarios)
 from .augment import BatchAugment, channel_stats, normalize, random_crop, random_hflip
 from .base import ArrayDataset, DataSplits, stratified_split
-from .registry import DATASETS
+from .registry import DATASETS, SCENARIOS
+from .scenarios import TaskData, build_scenario
 from .tasks import Task, build_tasks, class_partition, latent_tasks, split_classes
 
 
@@ -16,8 +18,12 @@ def list_datasets(pattern: str = "*"):
     return DATASETS.names(pattern)
 
 
+def list_scenarios(pattern: str = "*"):
+    return SCENARIOS.names(pattern)
+
+
 __all__ = [
-    "ArrayDataset", "DataSplits", "Task", "BatchAugment", "DATASETS", "build_tasks", "class_partition",
-    "latent_tasks", "split_classes", "load_dataset", "list_datasets", "channel_stats", "normalize",
-    "random_crop", "random_hflip", "stratified_split",
+    "ArrayDataset", "DataSplits", "Task", "TaskData", "BatchAugment", "DATASETS", "SCENARIOS", "build_scenario",
+    "build_tasks", "class_partition", "latent_tasks", "split_classes", "load_dataset", "list_datasets",
+    "list_scenarios", "channel_stats", "normalize", "random_crop", "random_hflip", "stratified_split",
 ]

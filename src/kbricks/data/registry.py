@@ -1,3 +1,4 @@
 from ..registry import Registry
 
-DATASETS = Registry("dataset")
+DATASETS = Registry("dataset", "kbricks.datasets")
+SCENARIOS = Registry("scenario", "kbricks.scenarios")

@@ -1,18 +1,10 @@
-"""Training methods, one small file each, registered by name."""
+"""Training methods, one small file each, registered by name: supervised, kd, dml, maxl, sskt, kf.
 
-from . import distill, dml, kf, maxl, sskt, supervised  # noqa: F401  (registers methods)
-from .base import METHODS, Batch, Method, MethodContext, MethodParams
+(Continual strategies, SupSup and ImpressLearn, live in ``kbricks.continual`` and register in the same registry
+with the tag ``continual``.)
+"""
 
+from . import dml, kd, kf, maxl, sskt, supervised  # noqa: F401  (registers methods)
+from .base import METHODS, Batch, Method, MethodContext, MethodParams, list_methods
 
-def list_methods(pattern: str = "*"):
-    return METHODS.names(pattern)
-
-
-def create_method(ctx: MethodContext) -> Method:
-    from ..config import validate_method_params
-
-    cls = METHODS.get(ctx.cfg.method.name)
-    return cls(validate_method_params(ctx.cfg), ctx)
-
-
-__all__ = ["METHODS", "Batch", "Method", "MethodContext", "MethodParams", "create_method", "list_methods"]
+__all__ = ["METHODS", "Batch", "Method", "MethodContext", "MethodParams", "list_methods"]

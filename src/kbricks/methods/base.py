@@ -2,6 +2,7 @@
 
 ``loss`` in that dict is what is optimised; the other entries are logged. ``predict`` gives eval logits
 (one tensor over the dataset's classes, or a list with one tensor per task for multi-head models).
+A method may contribute hooks to the run (``hooks()``), e.g. KF writes its bricks when training ends.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from ..data import ArrayDataset, Task
+from ..config import RunConfig
+from ..core.hooks import Hook
+from ..data import ArrayDataset, BatchAugment, Task, TaskData
 from ..registry import Registry
 
-METHODS = Registry("method")
+METHODS = Registry("method", "kbricks.methods")
 
 
 class MethodParams(BaseModel):
@@ -34,13 +37,15 @@ class Batch:
 
 @dataclass
 class MethodContext:
-    """What a method needs to build itself: the run config, training data and tasks."""
+    """What a method needs to build itself: the run config, training data and tasks (plus, for continual runs,
+    the scenario's task sequence)."""
 
-    cfg: "object"  # RunConfig (not imported to avoid a cycle)
+    cfg: RunConfig
     train: ArrayDataset
     tasks: List[Task]
     device: torch.device
-    transform: Optional["object"] = None  # the run's BatchAugment (normalisation statistics, extra views)
+    transform: Optional[BatchAugment] = None  # the run's BatchAugment (normalisation statistics, extra views)
+    scenario: Optional[List[TaskData]] = None
 
 
 Prediction = Union[torch.Tensor, List[torch.Tensor]]
@@ -67,7 +72,15 @@ class Method(nn.Module):
         """The network to ship after training (auxiliary parts dropped)."""
         return self
 
-    def export_extra(self, run_dir, card: dict) -> None:
-        """Write method-specific artefacts next to model.safetensors (e.g. KF bricks). Default: nothing."""
+    def hooks(self) -> List[Hook]:
+        """Extra hooks this method adds to its run (artefacts, reports). Default: none."""
+        return []
 
-    loadable_as_classifier = True  # model.json + model.safetensors rebuild one plain network
+    def report(self, exp, run_dir, baseline=None) -> Optional[Dict]:
+        """A method's own evaluation report for ``kbricks evaluate`` (``exp`` holds the loaded run). ``None``: the
+        engine's accuracy evaluation is the report."""
+        return None
+
+
+def list_methods(pattern: str = "*", tag: Optional[str] = None) -> List[str]:
+    return METHODS.names(pattern, tag)

@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import nn
 
 from .base import METHODS, Batch, Method, MethodContext, MethodParams
-from .distill import kd_loss
+from .kd import kd_loss
 from .supervised import build_network
 
 
@@ -31,7 +31,7 @@ def dml_loss(logits: List[torch.Tensor], labels: torch.Tensor, temperature: floa
     return out
 
 
-@METHODS.register("dml")
+@METHODS.register("dml", tags=("distillation",))
 class DeepMutualLearning(Method):
     class Config(MethodParams):
         peers: int = Field(2, ge=2)

@@ -19,6 +19,8 @@ from pydantic import Field
 from torch import nn
 from torch.func import functional_call
 
+from ..core import dist
+from ..errors import ConfigError
 from .base import METHODS, Batch, Method, MethodContext, MethodParams
 from .supervised import build_network
 
@@ -57,7 +59,7 @@ class MultiTaskNet(nn.Module):
         return self.backbone.head(z), self.aux_head(z)
 
 
-@METHODS.register("maxl")
+@METHODS.register("maxl", tags=("auxiliary",))
 class MAXL(Method):
     class Config(MethodParams):
         psi: int = Field(5, ge=1, description="auxiliary sub-classes per primary class")
@@ -69,9 +71,6 @@ class MAXL(Method):
 
     def __init__(self, params: "MAXL.Config", ctx: MethodContext):
         super().__init__()
-        from .. import dist
-        from ..errors import ConfigError
-
         if dist.world_size() > 1:
             raise ConfigError("MAXL's second-order meta step is single-process only (DDP does not sync autograd.grad)")
         self.params = params

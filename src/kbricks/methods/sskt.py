@@ -20,9 +20,9 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import ConfigError
-from ..teachers import load_frozen
+from ..models.frozen import load_frozen
 from .base import METHODS, Batch, Method, MethodContext, MethodParams
-from .distill import input_norm
+from .kd import input_norm
 from .supervised import build_network
 
 
@@ -64,7 +64,7 @@ class TransferModule(nn.Module):
         return self.fc(torch.stack([b(s) for b, s in zip(self.branches, stages)]).mean(0))
 
 
-@METHODS.register("sskt")
+@METHODS.register("sskt", tags=("distillation",))
 class SSKT(Method):
     class Config(MethodParams):
         sources: List[str] = Field(..., min_length=1, description="run directories of trained source classifiers")

@@ -6,31 +6,15 @@ and the loss is the mean cross-entropy over heads.
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..models import Classifier, create_model
+from ..models import MultiHeadClassifier, create_model
 from .base import METHODS, Batch, Method, MethodContext, MethodParams
-
-
-class MultiHeadClassifier(nn.Module):
-    """A backbone's features feeding one linear head per task."""
-
-    def __init__(self, backbone: Classifier, head_sizes: List[int]):
-        super().__init__()
-        self.backbone = backbone
-        self.heads = nn.ModuleList(nn.Linear(backbone.feature_dim, n) for n in head_sizes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.features(x)
-
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        z = self.features(x)
-        return [h(z) for h in self.heads]
 
 
 def build_network(ctx: MethodContext, num_outputs: int | None = None) -> nn.Module:
@@ -50,7 +34,7 @@ def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, label_smooth
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
-@METHODS.register("supervised")
+@METHODS.register("supervised", tags=("train",))
 class Supervised(Method):
     class Config(MethodParams):
         label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)

@@ -1,4 +1,4 @@
-"""Every model is a ``Classifier``: ``features(x) -> [B, D]`` then a linear ``head``.
+"""Every built-in model is a ``Classifier``: ``features(x) -> [B, D]`` then a linear ``head``.
 
 Methods read ``features`` and attach their own heads (auxiliary heads, task heads, projections).
 """
@@ -10,7 +10,7 @@ from torch import nn
 
 from ..registry import Registry
 
-MODELS = Registry("model")
+MODELS = Registry("model", "kbricks.models")
 
 
 class Classifier(nn.Module):

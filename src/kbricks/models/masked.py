@@ -1,26 +1,38 @@
-"""Edge-popup supermask layers (Ramanujan et al. 2020) for SupSup / ImpressLearn.
+"""Edge-popup supermasks (Ramanujan et al. 2020) for SupSup / ImpressLearn, on any backbone.
 
-Weights are frozen signed Kaiming constants (+-sqrt(2 / fan_in)); nothing shared is ever trained. What a layer
-uses as its mask is set from outside:
-  * ``scores``  - learnable real scores; the mask is the top-``density`` fraction by |score|, with a
-                  straight-through gradient (SupSup training of one task's mask);
-  * ``alpha``   - real coefficients over the stored masks: mask = sum_i alpha_i M_i (superposition for task
-                  inference, or an ImpressLearn combination of impressions);
-  * ``cached``  - a precomputed effective weight W * mask: evaluation of a task is one dense forward.
+``supermask(module)`` turns a network into a :class:`SupermaskNet`: every ``nn.Linear`` / ``nn.Conv2d`` becomes a
+masked layer whose weights are frozen signed Kaiming constants (+-sqrt(2 / fan_in), no bias), every BatchNorm
+becomes a non-affine BatchNorm with running statistics per task, and every other parameter is frozen. Nothing
+shared is ever trained.
+
+What mask a layer uses is decided per call, not stored in the layer: ``with net.using(source, task=t): net(x)``
+sets a *mask source* for the duration of the block and always restores the previous one. Sources:
+
+* :class:`ScoreMasks`   - learnable real scores; mask = top-``density`` fraction by |score|, straight-through
+  gradient (learning one task's mask);
+* :class:`StoredMask`   - one mask of each layer's :class:`MaskBank` (a SupSup task): cost independent of how many
+  masks are stored;
+* :class:`Combination`  - real coefficients over the stored masks, sum_i alpha_i M_i (ImpressLearn);
+* :class:`FixedMasks`   - given per-layer mask tensors (cached combinations, superpositions for task inference).
+
+Masks are stored packed, 1 bit per weight, in banks that grow by doubling their capacity.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from typing import List, Optional, Sequence
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..registry import Registry
+from ..errors import ConfigError
+from .base import MODELS
 
-MASKED_MODELS = Registry("masked model")
+# ---- top-k with a straight-through gradient ------------------------------------------------------------------
 
 
 class TopKStraightThrough(torch.autograd.Function):
@@ -43,44 +55,178 @@ def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     return TopKStraightThrough.apply(scores.abs(), density)
 
 
+# ---- packed mask storage -------------------------------------------------------------------------------------
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor -> uint8 bytes, 8 entries per byte (most significant bit first), zero-padded."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8) * _BIT_WEIGHTS.to(flat.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits` over the last dimension: [..., ceil(numel/8)] uint8 -> [..., numel] bool."""
+    bits = packed.unsqueeze(-1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
+    return bits.flatten(-2)[..., :numel]
+
+
+class MaskBank(nn.Module):
+    """The binary masks stored for one layer: packed 1 bit per weight, appended with capacity doubling (amortised
+    O(N) per mask), saved in checkpoints packed. A float view of the whole bank, needed only for task inference
+    and combinations, is built once and extended incrementally."""
+
+    def __init__(self, shape: Sequence[int]):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.numel = int(math.prod(self.shape))
+        self.nbytes = (self.numel + 7) // 8
+        self._packed = torch.zeros(0, self.nbytes, dtype=torch.uint8)
+        self.count = 0
+        self._float: Optional[torch.Tensor] = None  # [capacity, numel], rows < _float_rows valid
+        self._float_rows = 0
+        self._sum: Optional[torch.Tensor] = None  # sum of all stored masks (uniform superposition)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def append(self, mask: torch.Tensor) -> int:
+        """Store a mask; returns its slot."""
+        if tuple(mask.shape) != self.shape:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit a bank of {self.shape}")
+        if self.count == self._packed.shape[0]:
+            grown = torch.zeros(max(4, 2 * self.count), self.nbytes, dtype=torch.uint8, device=self._packed.device)
+            grown[: self.count] = self._packed[: self.count]
+            self._packed = grown
+        self._packed[self.count] = pack_bits(mask.detach().bool()).to(self._packed.device)
+        self.count += 1
+        self._sum = None
+        return self.count - 1
+
+    def get(self, i: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Mask ``i`` unpacked, in the layer's shape (one row is read: cost independent of the bank size)."""
+        if not 0 <= i < self.count:
+            raise IndexError(f"mask slot {i} out of range: {self.count} masks stored")
+        return unpack_bits(self._packed[i], self.numel).view(self.shape).to(dtype)
+
+    def packed(self) -> torch.Tensor:
+        return self._packed[: self.count]
+
+    def as_float(self) -> torch.Tensor:
+        """[count, numel] float32 0/1 matrix, cached; new masks are unpacked into spare capacity, not re-cast."""
+        if self._float is None or self._float.shape[0] < self.count or self._float.device != self._packed.device:
+            cap = max(4, self._packed.shape[0])
+            grown = torch.empty(cap, self.numel, device=self._packed.device)
+            if self._float is not None and self._float.device == grown.device:
+                grown[: self._float_rows] = self._float[: self._float_rows]
+            else:
+                self._float_rows = 0
+            self._float = grown
+        if self._float_rows < self.count:
+            self._float[self._float_rows: self.count] = unpack_bits(self._packed[self._float_rows: self.count], self.numel).float()
+            self._float_rows = self.count
+        return self._float[: self.count]
+
+    def total(self) -> torch.Tensor:
+        """Sum of the stored masks (the uniform superposition times ``count``), cached."""
+        if self._sum is None:
+            self._sum = self.as_float().sum(0).view(self.shape)
+        return self._sum
+
+    def drop_caches(self) -> None:
+        self._float, self._float_rows, self._sum = None, 0, None
+
+    def _apply(self, fn, recurse=True):  # .to(device) moves the packed masks too
+        self._packed = fn(self._packed)
+        self.drop_caches()
+        return super()._apply(fn, recurse)
+
+    # packed masks travel in state_dict as "extra state": a plain tensor, loadable with weights_only=True
+    def get_extra_state(self) -> Dict[str, torch.Tensor]:
+        return {"packed": self.packed().clone(), "count": torch.tensor(self.count)}
+
+    def set_extra_state(self, state: Dict[str, torch.Tensor]) -> None:
+        packed, count = state["packed"], int(state["count"])
+        if packed.dtype != torch.uint8 or packed.shape != (count, self.nbytes):
+            raise ValueError(f"stored masks of shape {tuple(packed.shape)} do not fit a bank of {self.shape}")
+        self._packed = packed.clone().to(self._packed.device)
+        self.count = count
+        self.drop_caches()
+
+
+# ---- mask sources --------------------------------------------------------------------------------------------
+
+
+class MaskSource:
+    def mask(self, index: int, layer: "MaskedLayer") -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ScoreMasks(MaskSource):
+    def __init__(self, scores: Sequence[torch.Tensor], density: float):
+        self.scores, self.density = list(scores), density
+
+    def mask(self, index: int, layer: "MaskedLayer") -> torch.Tensor:
+        return topk_mask(self.scores[index], self.density)
+
+
+class StoredMask(MaskSource):
+    def __init__(self, slot: int):
+        self.slot = slot
+
+    def mask(self, index: int, layer: "MaskedLayer") -> torch.Tensor:
+        return layer.bank.get(self.slot, layer.weight.dtype)
+
+
+class Combination(MaskSource):
+    """mask_l = sum_i alpha[l, i] M_{l,i} over the first ``alpha.shape[1]`` stored masks of each layer."""
+
+    def __init__(self, alpha: torch.Tensor):
+        self.alpha = alpha
+
+    def mask(self, index: int, layer: "MaskedLayer") -> torch.Tensor:
+        a = self.alpha[index]
+        return (a.to(layer.weight.dtype) @ layer.bank.as_float()[: a.shape[0]]).view(layer.bank.shape)
+
+
+class FixedMasks(MaskSource):
+    def __init__(self, masks: Sequence[torch.Tensor]):
+        self.masks = list(masks)
+
+    def mask(self, index: int, layer: "MaskedLayer") -> torch.Tensor:
+        return self.masks[index]
+
+
+# ---- layers --------------------------------------------------------------------------------------------------
+
+
 class MaskedLayer(nn.Module):
-    """Shared mask machinery; subclasses say how to apply an effective weight."""
+    """A frozen signed-constant weight, a bank of stored masks, and the mask source of the current call."""
+
+    index: int = 0
 
     def _init_weights(self, shape: Sequence[int], fan_in: int, generator: Optional[torch.Generator]) -> None:
         std = math.sqrt(2.0 / fan_in)
         sign = torch.randint(0, 2, tuple(shape), generator=generator).float() * 2 - 1
         self.register_buffer("weight", sign * std)  # a buffer: never in an optimiser, never changes
-        self.register_buffer("masks", torch.zeros((0, *shape), dtype=torch.bool))  # stored masks, one per slot
+        self.bank = MaskBank(shape)
         self.fan_in = fan_in
-        self.scores: Optional[nn.Parameter] = None
-        self.alpha: Optional[torch.Tensor] = None
-        self.cached: Optional[torch.Tensor] = None
-        self.candidates: Optional[torch.Tensor] = None  # [T, *shape] masks superposed by ``alpha`` (task inference)
+        self.source: Optional[MaskSource] = None
 
     def new_scores(self, generator: Optional[torch.Generator] = None) -> nn.Parameter:
+        """Fresh edge-popup scores, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5))."""
         bound = 1.0 / math.sqrt(self.fan_in)
         s = (torch.rand(self.weight.shape, generator=generator) * 2 - 1) * bound
-        self.scores = nn.Parameter(s.to(self.weight.device))
-        self.alpha = self.cached = None
-        return self.scores
+        return nn.Parameter(s.to(self.weight.device))
 
-    def store_mask(self, mask: torch.Tensor) -> int:
-        self.masks = torch.cat([self.masks, mask.bool().unsqueeze(0).to(self.masks.device)])
-        return self.masks.shape[0] - 1
-
-    def combine(self, alpha: torch.Tensor, masks: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """sum_i alpha_i M_i over the stored masks (or given ``masks``): one tensordot, k x N multiply-adds."""
-        masks = self.masks if masks is None else masks
-        return torch.tensordot(alpha.to(self.weight.dtype), masks.to(self.weight.dtype), dims=1)
-
-    def effective_weight(self, density: float) -> torch.Tensor:
-        if self.cached is not None:
-            return self.cached
-        if self.scores is not None:
-            return self.weight * topk_mask(self.scores, density)
-        if self.alpha is not None:
-            return self.weight * self.combine(self.alpha, self.candidates)
-        raise RuntimeError("masked layer has no mask source: call use_scores / use_alpha / use_cached first")
+    def effective_weight(self) -> torch.Tensor:
+        if self.source is None:
+            raise RuntimeError("masked layer called outside `with net.using(source, task)`: no mask chosen")
+        return self.weight * self.source.mask(self.index, self)
 
 
 class MaskedLinear(MaskedLayer):
@@ -89,139 +235,203 @@ class MaskedLinear(MaskedLayer):
         self.in_features, self.out_features = fin, fout
         self._init_weights((fout, fin), fin, generator)
 
-    def forward(self, x: torch.Tensor, density: float) -> torch.Tensor:
-        return F.linear(x, self.effective_weight(density))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight())
 
 
 class MaskedConv2d(MaskedLayer):
-    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, padding: int = 1, generator: Optional[torch.Generator] = None):
+    def __init__(self, cin: int, cout: int, kernel=3, stride=1, padding=1, dilation=1, groups: int = 1,
+                 generator: Optional[torch.Generator] = None, padding_mode: str = "zeros"):
         super().__init__()
-        self.stride, self.padding = stride, padding
-        self._init_weights((cout, cin, kernel, kernel), cin * kernel * kernel, generator)
+        kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        if padding_mode != "zeros":
+            raise ConfigError(f"supermask: Conv2d padding_mode {padding_mode!r} is not supported (only 'zeros')")
+        fan_in = (cin // groups) * kernel[0] * kernel[1]
+        self._init_weights((cout, cin // groups, *kernel), fan_in, generator)
 
-    def forward(self, x: torch.Tensor, density: float) -> torch.Tensor:
-        return F.conv2d(x, self.effective_weight(density), stride=self.stride, padding=self.padding)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.effective_weight(), stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
 
 
 class TaskBatchNorm(nn.Module):
-    """Non-affine BN with running statistics per task slot (nothing learnable, nothing shared across tasks)."""
+    """Non-affine BatchNorm (any of 1d/2d/3d) with running statistics per task slot: nothing learnable, nothing
+    shared across tasks. Slots are added as tasks arrive."""
 
-    def __init__(self, channels: int, slots: int = 64):
+    def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-5):
         super().__init__()
-        self.register_buffer("running_mean", torch.zeros(slots, channels))
-        self.register_buffer("running_var", torch.ones(slots, channels))
+        self.channels, self.momentum, self.eps = channels, momentum, eps
+        self.register_buffer("running_mean", torch.zeros(1, channels))
+        self.register_buffer("running_var", torch.ones(1, channels))
         self.slot = 0
 
+    @property
+    def slots(self) -> int:
+        return self.running_mean.shape[0]
+
+    def use_slot(self, slot: int) -> None:
+        if slot >= self.slots:
+            extra = slot + 1 - self.slots
+            self.running_mean = torch.cat([self.running_mean, self.running_mean.new_zeros(extra, self.channels)])
+            self.running_var = torch.cat([self.running_var, self.running_var.new_ones(extra, self.channels)])
+        self.slot = slot
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "running_mean"
+        if key in state_dict and state_dict[key].shape[0] != self.slots:  # a checkpoint with more tasks seen
+            n = state_dict[key].shape[0]
+            self.running_mean = self.running_mean.new_zeros(n, self.channels)
+            self.running_var = self.running_var.new_ones(n, self.channels)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean[self.slot], self.running_var[self.slot], training=self.training, momentum=0.1)
+        # F.batch_norm updates the slot's row in place (a view of the buffer)
+        return F.batch_norm(x, self.running_mean[self.slot], self.running_var[self.slot], training=self.training,
+                            momentum=self.momentum, eps=self.eps)
+
+
+# ---- the network ---------------------------------------------------------------------------------------------
 
 
 class SupermaskNet(nn.Module):
-    """A stack of masked layers; the network-level switches set every layer's mask source at once."""
+    """A frozen backbone whose masked layers take their masks from the source given to :meth:`using`."""
 
-    density: float
+    def __init__(self, body: nn.Module, density: float):
+        super().__init__()
+        if not 0.0 < density <= 1.0:
+            raise ConfigError(f"supermask density must be in (0, 1], got {density}")
+        self.body = body
+        self.density = density
+        layers = [m for m in body.modules() if isinstance(m, MaskedLayer)]
+        if not layers:
+            raise ConfigError("supermask: the network has no nn.Linear or nn.Conv2d layer to mask")
+        for i, layer in enumerate(layers):
+            layer.index = i
+        self._layers = layers  # a plain list: the modules are registered once, under body
+        self._bns = [m for m in body.modules() if isinstance(m, TaskBatchNorm)]
 
     def masked_layers(self) -> List[MaskedLayer]:
-        return [m for m in self.modules() if isinstance(m, MaskedLayer)]
-
-    def set_bn_slot(self, slot: int) -> None:
-        for m in self.modules():
-            if isinstance(m, TaskBatchNorm):
-                if slot >= m.running_mean.shape[0]:
-                    raise ValueError(f"TaskBatchNorm has {m.running_mean.shape[0]} slots; slot {slot} is out of range")
-                m.slot = slot
-
-    def use_scores(self, generator: Optional[torch.Generator] = None) -> List[nn.Parameter]:
-        return [layer.new_scores(generator) for layer in self.masked_layers()]
-
-    def store_scores_as_masks(self) -> int:
-        slots = set()
-        for layer in self.masked_layers():
-            with torch.no_grad():
-                slots.add(layer.store_mask(topk_mask(layer.scores, self.density)))
-            layer.scores = None
-        (slot,) = slots
-        return slot
-
-    def use_alpha(self, alphas: Sequence[torch.Tensor], candidates: Optional[Sequence[torch.Tensor]] = None) -> None:
-        """One coefficient vector per masked layer (the same tensor may be shared by all layers), over the
-        stored masks or over per-layer ``candidates`` (e.g. every task's combined mask, for task inference)."""
-        for i, (layer, a) in enumerate(zip(self.masked_layers(), alphas)):
-            layer.alpha, layer.scores, layer.cached = a, None, None
-            layer.candidates = None if candidates is None else candidates[i]
-
-    @torch.no_grad()
-    def use_cached(self, alphas: Sequence[torch.Tensor]) -> None:
-        """Evaluation: compute W * combined mask once per layer; later forwards are plain dense forwards."""
-        for layer, a in zip(self.masked_layers(), alphas):
-            layer.scores = layer.alpha = None
-            layer.cached = layer.weight * layer.combine(a)
-
-    def release(self) -> None:
-        for layer in self.masked_layers():
-            layer.scores = layer.alpha = layer.cached = layer.candidates = None
-
-    def load_masks_state(self, state) -> None:
-        """Load a state dict whose stored-mask banks may be larger than this (fresh) network's."""
-        for name, layer in self.named_modules():
-            if isinstance(layer, MaskedLayer) and f"{name}.masks" in state:
-                layer.masks = torch.zeros_like(state[f"{name}.masks"])
-        self.load_state_dict(state)
-
-    def num_stored(self) -> int:
-        return self.masked_layers()[0].masks.shape[0]
-
-    def weights_per_mask(self) -> int:
-        return sum(layer.weight.numel() for layer in self.masked_layers())
-
-
-class MaskedMLP(SupermaskNet):
-    """All layers masked (output included), no biases, ReLU; the LeNet-300-100 family."""
-
-    def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (300, 100), density: float = 0.5, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        sizes = [in_features, *hidden, num_classes]
-        self.layers = nn.ModuleList(MaskedLinear(a, b, g) for a, b in zip(sizes[:-1], sizes[1:]))
-        self.density = density
+        return self._layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.flatten(1)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, self.density)
-            if i < len(self.layers) - 1:
-                h = F.relu(h)
-        return h
+        return self.body(x)
+
+    @contextmanager
+    def using(self, source: MaskSource, task: Optional[int] = None) -> Iterator["SupermaskNet"]:
+        """Within the block every masked layer takes its mask from ``source`` and every BatchNorm uses the running
+        statistics of ``task`` (when given). The previous choice is restored on exit, whatever happens."""
+        prev_src = [layer.source for layer in self._layers]
+        prev_slot = [bn.slot for bn in self._bns]
+        try:
+            for layer in self._layers:
+                layer.source = source
+            if task is not None:
+                for bn in self._bns:
+                    bn.use_slot(task)
+            yield self
+        finally:
+            for layer, s in zip(self._layers, prev_src):
+                layer.source = s
+            for bn, s in zip(self._bns, prev_slot):
+                bn.slot = s
+
+    def new_scores(self, generator: Optional[torch.Generator] = None) -> List[nn.Parameter]:
+        return [layer.new_scores(generator) for layer in self._layers]
+
+    @torch.no_grad()
+    def store(self, masks: Sequence[torch.Tensor]) -> int:
+        """Append one mask per layer to the banks; returns the slot (the same in every layer)."""
+        slots = {layer.bank.append(m) for layer, m in zip(self._layers, masks)}
+        if len(slots) != 1:
+            raise RuntimeError(f"mask banks are out of step: slots {sorted(slots)}")
+        return slots.pop()
+
+    @torch.no_grad()
+    def store_scores(self, scores: Sequence[torch.Tensor]) -> int:
+        return self.store([topk_mask(s, self.density) for s in scores])
+
+    def num_stored(self) -> int:
+        return len(self._layers[0].bank)
+
+    def weights_per_mask(self) -> int:
+        return sum(layer.weight.numel() for layer in self._layers)
+
+    def bn_values_per_task(self) -> int:
+        return sum(2 * bn.channels for bn in self._bns)
+
+    def has_task_batchnorm(self) -> bool:
+        return bool(self._bns)
 
 
-class MaskedConvNet(SupermaskNet):
-    """Conv(3x3)-TaskBN-ReLU blocks with 2x2 pooling, then a masked linear output; per-task BN statistics."""
+def supermask(module: nn.Module, density: float = 0.5, seed: int = 0) -> SupermaskNet:
+    """A supermask network built from any ``nn.Module`` (which is not modified): Linear/Conv2d -> masked layers
+    with signed-constant weights drawn in module order from ``seed``, BatchNorm -> per-task non-affine BatchNorm,
+    every remaining parameter frozen at its value. The forward pass is the module's own."""
+    if isinstance(module, SupermaskNet):
+        return module
+    body = copy.deepcopy(module)
+    g = torch.Generator().manual_seed(seed)
+    _convert(body, g)
+    for p in body.parameters():
+        p.requires_grad_(False)
+    return SupermaskNet(body, density)
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, widths: Sequence[int] = (32, 64), density: float = 0.5, seed: int = 0, bn_slots: int = 64):
+
+def _convert(parent: nn.Module, g: torch.Generator) -> None:
+    for name, child in list(parent.named_children()):
+        if isinstance(child, nn.Linear):
+            new: nn.Module = MaskedLinear(child.in_features, child.out_features, g)
+        elif isinstance(child, nn.Conv2d):
+            new = MaskedConv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                               child.dilation, child.groups, g, child.padding_mode)
+        elif isinstance(child, nn.modules.batchnorm._BatchNorm):
+            new = TaskBatchNorm(child.num_features, child.momentum if child.momentum is not None else 0.1, child.eps)
+        elif isinstance(child, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d, nn.Embedding)):
+            raise ConfigError(f"supermask: layer {name!r} ({type(child).__name__}) cannot be masked; "
+                              "only nn.Linear and nn.Conv2d are supported")
+        else:
+            _convert(child, g)
+            continue
+        setattr(parent, name, new)
+
+
+# ---- architectures meant to be supermasked (bias-free, non-affine BatchNorm) -------------------------------------
+
+class ConvNetForMasks(nn.Module):
+    """Conv(3x3)-BN-ReLU blocks with 2x2 pooling while the map is >= 4 pixels, global average pool, linear output."""
+
+    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int]):
         super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.convs, self.bns = nn.ModuleList(), nn.ModuleList()
+        self.convs = nn.ModuleList()
+        self.bns = nn.ModuleList()
         cin = in_channels
         for w in widths:
-            self.convs.append(MaskedConv2d(cin, w, generator=g))
-            self.bns.append(TaskBatchNorm(w, bn_slots))
+            self.convs.append(nn.Conv2d(cin, w, 3, 1, 1, bias=False))
+            self.bns.append(nn.BatchNorm2d(w, affine=False))
             cin = w
-        self.out = MaskedLinear(cin, num_classes, g)
-        self.density = density
+        self.out = nn.Linear(cin, num_classes, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv, bn in zip(self.convs, self.bns):
-            x = F.relu(bn(conv(x, self.density)))
+            x = F.relu(bn(conv(x)))
             if x.shape[-1] >= 4:
                 x = F.max_pool2d(x, 2)
-        return self.out(x.mean((2, 3)), self.density)
+        return self.out(x.mean((2, 3)))
 
 
-@MASKED_MODELS.register("masked_mlp")
-def masked_mlp(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, hidden: Sequence[int] = (300, 100), density: float = 0.5, seed: int = 0):
-    return MaskedMLP(in_channels * image_size * image_size, num_classes, tuple(hidden), density, seed)
+@MODELS.register("masked_mlp", tags=("masked",))
+def masked_mlp(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, hidden: Sequence[int] = (300, 100)) -> nn.Module:
+    """Bias-free ReLU MLP, every layer masked by the continual strategies (LeNet-300-100 with the defaults)."""
+    sizes = [in_channels * image_size * image_size, *hidden, num_classes]
+    layers: List[nn.Module] = [nn.Flatten()]
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b, bias=False))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
 
 
-@MASKED_MODELS.register("masked_convnet")
-def masked_convnet(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, widths: Sequence[int] = (32, 64), density: float = 0.5, seed: int = 0, bn_slots: int = 64):
-    return MaskedConvNet(in_channels, num_classes, image_size, tuple(widths), density, seed, bn_slots)
+@MODELS.register("masked_convnet", tags=("masked",))
+def masked_convnet(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, widths: Sequence[int] = (32, 64)) -> nn.Module:
+    """Bias-free conv net with non-affine BatchNorm (per-task statistics once supermasked)."""
+    return ConvNetForMasks(in_channels, num_classes, tuple(widths))

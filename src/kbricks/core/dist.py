@@ -22,14 +22,17 @@ def is_initialized() -> bool:
     return td.is_available() and td.is_initialized()
 
 
-def init_from_env(device: torch.device) -> None:
-    """Initialise the process group when torchrun (or SLURM via torchrun) set RANK/WORLD_SIZE."""
+def init_from_env(device: torch.device, timeout_s: float = 1800.0) -> None:
+    """Initialise the process group when torchrun (or SLURM via torchrun) set RANK/WORLD_SIZE. ``timeout_s`` bounds
+    how long the other ranks wait when one rank stops (``train.ddp_timeout_s``)."""
     if not is_launched() or is_initialized():
         return
+    from datetime import timedelta
+
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    td.init_process_group(backend=backend)
+    td.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
 def shutdown() -> None:
@@ -43,10 +46,6 @@ def rank() -> int:
 
 def world_size() -> int:
     return td.get_world_size() if is_initialized() else 1
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def is_main_process() -> bool:
@@ -95,11 +94,16 @@ def main_process_first():
         barrier()
 
 
-def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
+def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bool = False, sync_batchnorm: bool = False) -> nn.Module:
+    """DDP when several processes run; ``sync_batchnorm`` converts BatchNorm layers to SyncBatchNorm in place
+    (batch statistics over the global batch, so N processes match one process with an N-times batch)."""
     if world_size() == 1:
         return module
     if not any(p.requires_grad for p in module.parameters()):
         return module  # frozen modules (teachers, sources) are never wrapped
+    if sync_batchnorm:
+        for name, child in list(module.named_children()):
+            setattr(module, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters)
 

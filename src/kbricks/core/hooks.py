@@ -1,4 +1,9 @@
-"""Trainer hooks. Loggers are hooks: they receive metrics and write them somewhere (rank 0 only)."""
+"""Trainer hooks. Loggers are hooks: they receive metrics and write them somewhere (rank 0 only).
+
+A trainer passed to a hook exposes ``cfg``, ``epochs`` and ``steps_per_epoch`` of the loop that is running,
+``label`` (a prefix such as ``"task 2/5 "`` for continual runs) and ``keep_row(row)`` (which logged rows survive a
+resume). Continual runs also call ``on_task_start`` / ``on_task_end``.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,16 @@ import csv
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 
 class Hook:
     def on_fit_start(self, trainer) -> None: ...
+    def on_task_start(self, trainer, task: int) -> None: ...
     def on_epoch_start(self, trainer, epoch: int) -> None: ...
     def on_step_end(self, trainer, step: int, losses: Dict[str, float]) -> None: ...
     def on_epoch_end(self, trainer, epoch: int, metrics: Dict[str, Any]) -> None: ...
+    def on_task_end(self, trainer, task: int, metrics: Dict[str, Any]) -> None: ...
     def on_fit_end(self, trainer, summary: Dict[str, Any]) -> None: ...
 
 
@@ -33,18 +40,25 @@ def read_jsonl(path: Path) -> List[Dict[str, Any]]:
 
 
 class JsonlLogger(Hook):
-    """One JSON object per epoch in ``metrics.jsonl``. On resume, rows after the checkpoint are dropped."""
+    """One JSON object per epoch (and per finished task) in ``metrics.jsonl``. On resume, rows written after the
+    checkpoint are dropped, so the file always describes one uninterrupted run."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
 
     def on_fit_start(self, trainer) -> None:
-        keep = [r for r in read_jsonl(self.path) if r.get("epoch", 0) <= trainer.start_epoch]
+        keep = [r for r in read_jsonl(self.path) if trainer.keep_row(r)]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
-    def on_epoch_end(self, trainer, epoch: int, metrics: Dict[str, Any]) -> None:
+    def _append(self, row: Dict[str, Any]) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+            f.write(json.dumps(row) + "\n")
+
+    def on_epoch_end(self, trainer, epoch: int, metrics: Dict[str, Any]) -> None:
+        self._append(metrics)
+
+    def on_task_end(self, trainer, task: int, metrics: Dict[str, Any]) -> None:
+        self._append(metrics)
 
 
 class CsvSummary(Hook):
@@ -55,6 +69,8 @@ class CsvSummary(Hook):
 
     def on_epoch_end(self, trainer, epoch: int, metrics: Dict[str, Any]) -> None:
         write_csv(self.path, read_jsonl(self.jsonl))
+
+    on_task_end = on_epoch_end
 
 
 def write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
@@ -71,15 +87,18 @@ def write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
 class ProgressBar(Hook):
     """tqdm bar over steps when attached to a terminal (or forced on); a one-line epoch summary otherwise."""
 
+    SHOWN = ("train/loss", "test/acc", "lr", "acc_current", "avg_acc_seen")
+
     def __init__(self, mode: str = "auto"):
         self.enabled = mode == "on" or (mode == "auto" and sys.stderr.isatty())
+        self.quiet = mode == "off"
         self.bar = None
 
     def on_epoch_start(self, trainer, epoch: int) -> None:
         if self.enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=trainer.steps_per_epoch, desc=f"epoch {epoch + 1}/{trainer.cfg.train.epochs}", leave=False)
+            self.bar = tqdm(total=trainer.steps_per_epoch, desc=f"{trainer.label}epoch {epoch + 1}/{trainer.epochs}", leave=False)
 
     def on_step_end(self, trainer, step: int, losses: Dict[str, float]) -> None:
         if self.bar is not None:
@@ -90,9 +109,16 @@ class ProgressBar(Hook):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        shown = {k: v for k, v in metrics.items() if k in ("train/loss", "test/acc", "lr")}
-        text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
-        print(f"[{trainer.cfg.name}] epoch {epoch}/{trainer.cfg.train.epochs} {text}", file=sys.stderr, flush=True)
+        if not self.quiet:
+            self._print(trainer, f"{trainer.label}epoch {epoch}/{trainer.epochs}", metrics)
+
+    def on_task_end(self, trainer, task: int, metrics: Dict[str, Any]) -> None:
+        if not self.quiet:
+            self._print(trainer, f"task {task}/{trainer.num_tasks} done", metrics)
+
+    def _print(self, trainer, head: str, metrics: Dict[str, Any]) -> None:
+        text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in self.SHOWN)
+        print(f"[{trainer.cfg.name}] {head} {text}", file=sys.stderr, flush=True)
 
 
 class PlotCurves(Hook):
@@ -104,8 +130,5 @@ class PlotCurves(Hook):
     def on_fit_end(self, trainer, summary: Dict[str, Any]) -> None:
         from .plots import plot_curves
 
-        plot_curves(read_jsonl(self.jsonl), self.out_dir / "curves.png", title=trainer.cfg.name)
-
-
-def optional(flag: bool, hook: Hook) -> Optional[Hook]:
-    return hook if flag else None
+        rows = [r for r in read_jsonl(self.jsonl) if "epoch" in r and "task" not in r]
+        plot_curves(rows, self.out_dir / "curves.png", title=trainer.cfg.name)

@@ -14,12 +14,12 @@ from typing import Any, Dict, List, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from . import __version__
-from .checkpoint import fingerprint, load_safetensors, load_state_into, read_json, save_safetensors
-from .data import Task
-from .errors import CheckpointError, KbricksError
-from .methods.kf import FactorNetworks, TaskSpecificNetwork, combined_class_scores
-from .models import create_model
+from ..._version import __version__
+from ...core.checkpoint import fingerprint, load_safetensors, load_state_into, read_json, save_safetensors
+from ...data import Task
+from ...errors import CheckpointError, KbricksError
+from ...models import create_model
+from ...models.factorized import AssembledNetwork, FactorNetworks, TaskSpecificNetwork
 
 BRICK_FORMAT = "kbricks-brick-v1"
 
@@ -101,31 +101,6 @@ def build_tsn(manifest: Dict[str, Any]) -> TaskSpecificNetwork:
     return TaskSpecificNetwork(backbone, a["dim"], ckn["feature_dim"], manifest["num_outputs"], a["combine"])
 
 
-class AssembledNetwork(nn.Module):
-    """CKN computed once, then each chosen TSN. Class tasks -> one classifier over the union of their classes;
-    latent tasks -> a list with one output per task."""
-
-    def __init__(self, factors: FactorNetworks, tasks: Sequence[Task], num_classes: int, manifests: Sequence[Dict[str, Any]]):
-        super().__init__()
-        self.factors, self.tasks, self.num_classes = factors, list(tasks), num_classes
-        self.manifests = list(manifests)
-
-    @property
-    def is_class_union(self) -> bool:
-        return all(t.classes is not None for t in self.tasks)
-
-    @property
-    def classes(self) -> List[int]:
-        return sorted(c for t in self.tasks for c in (t.classes or ()))
-
-    def factor_outputs(self, x: torch.Tensor) -> List[torch.Tensor]:
-        return self.factors(x)
-
-    def forward(self, x: torch.Tensor):
-        outs = self.factors(x)
-        return combined_class_scores(outs, self.tasks, self.num_classes) if self.is_class_union else outs
-
-
 def assemble(ckn_path: Union[str, Path], tsn_paths: Sequence[Union[str, Path]]) -> AssembledNetwork:
     """Combine one CKN brick and any subset of TSN bricks trained with it, without fine-tuning."""
     ckn_manifest, ckn_tensors = load_brick(ckn_path)
@@ -161,9 +136,14 @@ def assemble(ckn_path: Union[str, Path], tsn_paths: Sequence[Union[str, Path]]) 
     return net.eval()
 
 
-def save_assembled(net: AssembledNetwork, out_dir: Union[str, Path]) -> Path:
-    """The assembled network as one safetensors file plus a manifest naming its bricks."""
+def save_assembled(net: AssembledNetwork, out_dir: Union[str, Path], overwrite: bool = False) -> Path:
+    """The assembled network as one safetensors file plus a manifest naming its bricks. An existing assembly in
+    ``out_dir`` is only replaced with ``overwrite``."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise KbricksError(f"--out {str(out)!r} is a file, not a directory")
+    if (out / "assembled.json").exists() and not overwrite:
+        raise KbricksError(f"{out} already holds an assembled network; pass --overwrite to replace it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     tensors = net.factors.state_dict()
     save_safetensors(tensors, out / "assembled.safetensors", {"format": "kbricks-assembled-v1"})

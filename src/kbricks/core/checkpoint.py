@@ -6,22 +6,30 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, List, Mapping
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 FORMAT = "kbricks-checkpoint-v1"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, write) -> None:
-    """Write via a temp file in the same directory, fsync, then rename: a crash never leaves a torn file."""
+    """Write via a temp file in the same directory, fsync, then rename: a crash never leaves a torn file.
+    The file gets the usual permissions (0666 minus the umask), like any other file the run writes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -60,10 +68,11 @@ def load_state_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], w
     shapes = [
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
         for k in own
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+        if k in state_dict and isinstance(own[k], torch.Tensor) and isinstance(state_dict[k], torch.Tensor)
+        and tuple(state_dict[k].shape) != tuple(own[k].shape) and not is_growable(k)
     ]
     if missing or unexpected or shapes:
-        parts = []
+        parts: List[str] = []
         if missing:
             parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         if unexpected:
@@ -71,7 +80,16 @@ def load_state_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], w
         if shapes:
             parts.append("shape mismatch " + "; ".join(shapes[:3]))
         raise CheckpointError(f"checkpoint does not match the {what}: " + ", ".join(parts))
-    module.load_state_dict(state_dict)
+    try:
+        module.load_state_dict(state_dict)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint does not match the {what}: {first}") from None
+
+
+def is_growable(key: str) -> bool:
+    """Buffers whose first dimension grows as a continual run sees tasks (per-task BatchNorm statistics)."""
+    return key.endswith(("running_mean", "running_var")) and "." in key
 
 
 def remap_prefix(state_dict: Mapping[str, torch.Tensor], old: str, new: str = "") -> Dict[str, torch.Tensor]:
@@ -107,8 +125,8 @@ def read_json(path: Path, missing: str) -> Any:
         raise CheckpointError(missing)
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a JSON document ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
 
 
 def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:

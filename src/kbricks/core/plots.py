@@ -65,3 +65,27 @@ def plot_matrix(matrix: Sequence[Sequence[float]], path: Path, title: str = "", 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_accuracy_matrix(R: Sequence[Sequence[Optional[float]]], names: Sequence[str], out_dir: Path, title: str) -> None:
+    """A continual run's accuracy matrix as a heatmap, and each task's accuracy as tasks are learned."""
+    import numpy as np
+
+    m = np.array([[np.nan if v is None else 100 * v for v in row] for row in R])
+    out_dir = Path(out_dir)
+    plot_matrix(m, out_dir / "accuracy_matrix.png", title=f"{title}: accuracy (%)", xlabel="evaluated task", ylabel="after learning task")
+    try:
+        plt = _pyplot()
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    T = len(names)
+    for j in range(T):
+        ax.plot(range(j + 1, T + 1), m[j:, j], marker="o", label=names[j])
+    ax.plot(range(1, T + 1), [np.nanmean(m[i, : i + 1]) for i in range(T)], "k--", label="mean of seen tasks")
+    ax.set_xlabel("tasks learned"), ax.set_ylabel("test accuracy (%)"), ax.set_title(title)
+    if T <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_curves.png", dpi=110)
+    plt.close(fig)

@@ -25,12 +25,14 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..config import ModelConfig
-from ..data import Task
-from ..models import Classifier, create_model
-from ..teachers import load_frozen, task_logits
-from .base import METHODS, Batch, Method, MethodContext, MethodParams
-from .distill import input_norm, kd_loss
+from ...config import ModelConfig
+from ...core.hooks import Hook
+from ...errors import ConfigError
+from ...models import create_model
+from ...models.factorized import FactorNetworks, TaskSpecificNetwork, combined_class_scores, task_output_size
+from ...models.frozen import load_frozen, task_logits
+from ..base import METHODS, Batch, Method, MethodContext, MethodParams
+from ..kd import input_norm, kd_loss
 
 # ---- pure loss functions -------------------------------------------------------------------------------------
 
@@ -98,69 +100,10 @@ def imb_loss(
 # ---- modules -------------------------------------------------------------------------------------------------
 
 
-class TaskSpecificNetwork(nn.Module):
-    """A small backbone, a Gaussian encoder (mu, log-variance) of size ``dim``, and the task head."""
-
-    def __init__(self, backbone: Classifier, dim: int, ckn_dim: int, num_outputs: int, combine: str):
-        super().__init__()
-        self.backbone = backbone
-        self.mu = nn.Linear(backbone.feature_dim, dim)
-        self.logvar = nn.Linear(backbone.feature_dim, dim)
-        self.combine = combine
-        self.head = nn.Linear(ckn_dim + dim if combine == "concat" else dim, num_outputs)
-        self.task_head = nn.Linear(dim, num_outputs)  # training only: z_t alone must predict the task
-        nn.init.constant_(self.logvar.bias, -4.0)  # start nearly deterministic; the KL term widens it as allowed
-
-    def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        h = self.backbone.features(x)
-        return self.mu(h), self.logvar(h).clamp(-10.0, 10.0)
-
-    def forward(self, x: torch.Tensor, z_c: torch.Tensor, sample: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits, mu, logvar, _ = self.forward_train(x, z_c, sample)
-        return logits, mu, logvar
-
-    def forward_train(self, x: torch.Tensor, z_c: torch.Tensor, sample: bool):
-        """(factor logits, mu, logvar, task-only logits from z_t alone)."""
-        mu, logvar = self.encode(x)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
-        joint = torch.cat([z_c, z], 1) if self.combine == "concat" else z_c + z
-        return self.head(joint), mu, logvar, self.task_head(z)
-
-
-def task_output_size(task: Task, num_classes: int) -> int:
-    """Class tasks that do not cover every class get an extra 'other' output."""
-    if task.classes is not None and len(task.classes) < num_classes:
-        return task.num_classes + 1
-    return task.num_classes
-
-
-class FactorNetworks(nn.Module):
-    """One CKN plus one TSN per task. ``forward`` gives every factor network's logits."""
-
-    def __init__(self, ckn: Classifier, tsns: Sequence[TaskSpecificNetwork]):
-        super().__init__()
-        self.ckn = ckn
-        self.tsns = nn.ModuleList(tsns)
-
-    def forward(self, x: torch.Tensor, sample: bool = False) -> List[torch.Tensor]:
-        z_c = self.ckn.features(x)  # computed once for all factors
-        return [tsn(x, z_c, sample)[0] for tsn in self.tsns]
-
-
-def combined_class_scores(factor_logits: Sequence[torch.Tensor], tasks: Sequence[Task], num_classes: int) -> torch.Tensor:
-    """Union classifier from class-task factors: each factor's log-probabilities for its own classes, placed in the
-    teacher's class order; classes no chosen factor covers get -inf."""
-    ref = factor_logits[0]
-    scores = torch.full((ref.shape[0], num_classes), float("-inf"), device=ref.device, dtype=ref.dtype)
-    for logits, task in zip(factor_logits, tasks):
-        scores[:, list(task.classes)] = F.log_softmax(logits, dim=1)[:, : task.num_classes]
-    return scores
-
-
 # ---- the method ----------------------------------------------------------------------------------------------
 
 
-@METHODS.register("kf")
+@METHODS.register("kf", tags=("factorization",))
 class KnowledgeFactorization(Method):
     class Config(MethodParams):
         teacher: str = Field(..., description="run directory (or model.json) of the trained teacher")
@@ -179,8 +122,6 @@ class KnowledgeFactorization(Method):
 
     def __init__(self, params: "KnowledgeFactorization.Config", ctx: MethodContext):
         super().__init__()
-        from ..errors import ConfigError
-
         self.params, self.tasks, self.transform, self.cfg = params, ctx.tasks, ctx.transform, ctx.cfg
         self.shape = {"in_channels": ctx.train.in_channels, "image_size": ctx.train.image_size}
         self.num_classes = ctx.train.num_classes
@@ -251,22 +192,36 @@ class KnowledgeFactorization(Method):
     def export_module(self) -> nn.Module:
         return self.factors
 
-    loadable_as_classifier = False
+    def hooks(self) -> List[Hook]:
+        return [ExportBricks(self)]
 
-    def export_extra(self, run_dir, card: dict) -> None:
-        """The bricks: ``run_dir/bricks/ckn.{json,safetensors}`` and ``tsn-<task>.{json,safetensors}``."""
-        from ..bricks import export_bricks
+    def report(self, exp, run_dir, baseline=None):
+        from .report import kf_report
 
-        p, cfg = self.params, self.cfg
-        ckn_arch = {"name": cfg.model.name, "kwargs": cfg.model.kwargs, **self.shape, "feature_dim": self.factors.ckn.feature_dim}
+        return kf_report(exp, run_dir, baseline)
+
+
+class ExportBricks(Hook):
+    """When training ends, write the bricks: ``run_dir/bricks/ckn.{json,safetensors}`` and one
+    ``tsn-<task>.{json,safetensors}`` per task."""
+
+    def __init__(self, method: KnowledgeFactorization):
+        self.method = method
+
+    def on_fit_end(self, trainer, summary) -> None:
+        from .bricks import export_bricks
+
+        m, run_dir, card = self.method, trainer.run_dir, trainer.card
+        p, cfg = m.params, m.cfg
+        ckn_arch = {"name": cfg.model.name, "kwargs": cfg.model.kwargs, **m.shape, "feature_dim": m.factors.ckn.feature_dim}
         tsn_arch = {"name": p.tsn.name, "kwargs": p.tsn.kwargs, "dim": p.tsn_dim, "combine": p.combine}
         provenance = {
             "method": "kf",
             "teacher": p.teacher,
-            "teacher_fingerprint": getattr(self.teacher, "card", {}).get("fingerprint"),
+            "teacher_fingerprint": getattr(m.teacher, "card", {}).get("fingerprint"),
             "data": cfg.data.model_dump(mode="json"),
             "seed": cfg.seed,
             "run_dir": str(run_dir),
         }
         metrics = {k.split("/", 1)[1]: v for k, v in card["metrics"]["final"].items()}
-        export_bricks(self.factors, self.tasks, run_dir / "bricks", ckn_arch, tsn_arch, self.num_classes, card["classes"], card["normalize"], provenance, metrics)
+        export_bricks(m.factors, m.tasks, run_dir / "bricks", ckn_arch, tsn_arch, m.num_classes, card["classes"], card["normalize"], provenance, metrics)

@@ -1,4 +1,4 @@
-"""``kbricks reproduce``: run every claim the project can test on CPU and write results/REPRODUCTION.md.
+"""``kbricks reproduce``: run every study the project can do on CPU and write results/REPRODUCTION.md.
 
 Each claim names the paper's statement, extracts our number from the studies' outputs (mean +/- std over seeds)
 and applies a verdict rule written down before the numbers are seen: holds / partly / does not hold.
@@ -6,28 +6,26 @@ and applies a verdict rule written down before the numbers are seen: holds / par
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .results_tables import write_results
-from .studies import run_cl_study, run_kf_study, run_sskt_study
+from ..core.stats import fmt_values as _ms
+from ..core.stats import mean_std
+from .cl import run_cl_study
+from .common import read_study
+from .kf import run_kf_study
+from .sskt import run_sskt_study
+from .tables import write_results
 
 Verdict = Tuple[str, str]  # (verdict, our number as text)
 
 
-def _ms(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
-    m = statistics.mean(values) * scale
-    s = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
 def _kf_reports(runs: Path, dataset: str) -> Optional[List[Dict[str, Any]]]:
-    p = runs / "kf" / dataset / "study.json"
-    return json.loads(p.read_text())["reports"] if p.exists() else None
+    study = read_study(runs / "kf" / dataset / "study.json")
+    return study["reports"] if study else None
 
 
 def _grade(ok_all: bool, ok_mean: bool) -> str:
@@ -69,8 +67,8 @@ def kf_pair_claim(key_kf: str, key_kd: str, label: str, scale: float = 100.0, di
 
 
 def _cl(runs: Path, scenario: str = "permuted") -> Optional[Dict[str, Any]]:
-    p = runs / "cl" / scenario / "study.json"
-    return json.loads(p.read_text())["methods"] if p.exists() else None
+    study = read_study(runs / "cl" / scenario / "study.json")
+    return study["methods"] if study else None
 
 
 def cl_forgetting(runs: Path) -> Optional[Verdict]:
@@ -115,8 +113,8 @@ def cl_inference(runs: Path) -> Optional[Verdict]:
 
 
 def _sskt(runs: Path) -> Optional[Dict[str, Any]]:
-    p = runs / "sskt" / "study.json"
-    return json.loads(p.read_text())["methods"] if p.exists() else None
+    study = read_study(runs / "sskt" / "study.json")
+    return study["methods"] if study else None
 
 
 def sskt_vs(other: str, want_better: bool = True) -> Callable[[Path], Optional[Verdict]]:
@@ -129,7 +127,7 @@ def sskt_vs(other: str, want_better: bool = True) -> Callable[[Path], Optional[V
         b = [r["last_acc"] for r in m[other]["runs"]]
         d = [x - y for x, y in zip(a, b)]
         wins = sum(x > 0 for x in d)
-        sem = (statistics.stdev(d) / len(d) ** 0.5) if len(d) > 1 else 0.0
+        sem = mean_std(d)["sem"]
         text = f"SSKT (I+P) − {other} = {100 * statistics.mean(d):+.2f} ± {100 * sem:.2f} (s.e.m.), better in {wins}/{len(d)} paired seeds"
         mean_ok = statistics.mean(d) > 0 if want_better else statistics.mean(d) < 0
         strong = mean_ok and statistics.mean(d) > sem and (wins >= 0.6 * len(d) if want_better else wins <= 0.4 * len(d))
@@ -198,37 +196,23 @@ def write_reproduction(runs: Path, out: Path, quick: bool, minutes: float, comma
 
 
 def readme_summary(runs: Path) -> str:
-    """The claims table in README form (the README's Results section is regenerated from it)."""
+    """The claims table in README form (``make readme`` puts it between the README's results markers)."""
     rows = evaluate_claims(runs)
     lines = ["| area | claim | ours | verdict |", "|---|---|---|---|"]
     lines += [f"| {r['area']} | {r['paper']} | {r['ours']} | {r['verdict']} |" for r in rows]
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, runs: Path) -> None:
-    """Replace the block between the README's results markers with the current claims table."""
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
-    text = readme.read_text()
-    if start not in text or end not in text:
-        return
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    readme.write_text(f"{head}{start}\n{readme_summary(runs)}\n{end}{tail}")
-
-
-def reproduce(quick: bool, out: Path = Path("results"), log: Callable[[str], None] = print) -> Path:
+def reproduce(quick: bool, out: Path = Path("results"), log: Callable[[str], None] = print, configs: Optional[Path] = None) -> Path:
     runs = out / ("runs-quick" if quick else "runs")
     t0 = time.time()
     seeds3 = [0, 1, 2]
     for dataset in (("digits", "dsprites") if quick else ("digits", "mnist5k", "dsprites")):
-        run_kf_study(dataset, seeds3, runs, quick=quick, log=log)
-    run_cl_study(seeds3, runs, quick=quick, log=log)
-    run_cl_study(seeds3, runs, quick=quick, log=log, scenario="rotated")
-    run_sskt_study(seeds3 if quick else [0, 1, 2, 3, 4], runs, quick=quick, log=log)
+        run_kf_study(dataset, seeds3, runs, quick=quick, log=log, configs=configs)
+    run_cl_study(seeds3, runs, quick=quick, log=log, configs=configs)
+    run_cl_study(seeds3, runs, quick=quick, log=log, scenario="rotated", configs=configs)
+    run_sskt_study(seeds3 if quick else [0, 1, 2, 3, 4], runs, quick=quick, log=log, configs=configs)
     minutes = (time.time() - t0) / 60
     if not quick:
         write_results(runs, out)
-        readme = Path("README.md")
-        if readme.exists():
-            update_readme(readme, runs)
     return write_reproduction(runs, out, quick, minutes, "kbricks reproduce" + (" --quick" if quick else ""))

@@ -1,4 +1,4 @@
-"""Frozen pretrained networks (teachers, sources): loaded from a run directory without pickle, kept in eval mode.
+"""Frozen pretrained networks (teachers, sources, baselines): loaded without pickle and kept in eval mode.
 
 A run directory written by ``kbricks train`` holds ``model.safetensors`` and ``model.json`` (architecture,
 classes, tasks, input normalisation). A teacher trained with other normalisation statistics than the student's
@@ -13,10 +13,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .checkpoint import load_safetensors, load_state_into, read_json
-from .data import Task
-from .errors import CheckpointError, ConfigError
-from .models import create_model
+from ..core.checkpoint import load_safetensors, load_state_into, read_json
+from ..data.tasks import Task
+from ..errors import CheckpointError, ConfigError
+from .base import MODELS
+from .heads import MultiHeadClassifier
 
 Output = Union[torch.Tensor, List[torch.Tensor]]
 
@@ -26,17 +27,17 @@ def read_model_card(path: Union[str, Path]) -> Tuple[Dict[str, Any], Path]:
     p = Path(path)
     card_path = p / "model.json" if p.is_dir() else p
     card = read_json(card_path, f"no trained model at {str(path)!r} (expected a run directory with model.json)")
-    if not card.get("loadable_as_classifier", True):
-        raise CheckpointError(f"{card_path} describes a {card.get('method')!r} run, not one network; load its bricks instead")
+    if not isinstance(card, dict):
+        raise CheckpointError(f"{card_path} is not a kbricks model card (a JSON object is expected, got {type(card).__name__})")
+    if card.get("network", "classifier") != "classifier":
+        raise CheckpointError(f"{card_path} describes a {card.get('method')!r} run whose network is {card.get('network')!r}, not one classifier; load its bricks instead")
     return card, card_path.parent
 
 
 def build_from_card(card: Dict[str, Any]) -> nn.Module:
-    from .methods.supervised import MultiHeadClassifier
-
     latent = [t for t in card.get("tasks", []) if t.get("latent") is not None]
     n_out = 0 if latent else card["num_classes"]
-    net = create_model(card["model"]["name"], num_classes=n_out, in_channels=card["in_channels"], image_size=card["image_size"], **card["model"].get("kwargs", {}))
+    net = MODELS.create(card["model"]["name"], num_classes=n_out, in_channels=card["in_channels"], image_size=card["image_size"], **card["model"].get("kwargs", {}))
     return MultiHeadClassifier(net, [t["num_classes"] for t in latent]) if latent else net
 
 

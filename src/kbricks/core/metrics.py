@@ -1,4 +1,8 @@
-"""Evaluation metrics (pure functions), kept separate from where they are logged."""
+"""Accuracy counting over a dataset (sharded across DDP ranks), kept separate from where it is logged.
+
+Works on anything with a ``predict(x)`` method returning one logit tensor over the dataset's classes or a list
+with one tensor per task, and on task objects with ``classes`` / ``local_labels`` / ``member_mask`` (data.Task).
+"""
 
 from __future__ import annotations
 
@@ -7,28 +11,9 @@ from typing import Dict, List, Sequence
 import torch
 
 from . import dist
-from .data import ArrayDataset, Task
 
 
-def mean_std(values: Sequence[float]) -> Dict[str, float]:
-    """Mean, sample standard deviation (0 for one value) and count: the summary of a metric over seeds."""
-    v = torch.tensor([float(x) for x in values], dtype=torch.float64)
-    return {"mean": v.mean().item(), "std": v.std().item() if len(v) > 1 else 0.0, "n": len(v)}
-
-
-def summarize_runs(rows: Sequence[Dict[str, object]]) -> Dict[str, Dict[str, float]]:
-    """``mean_std`` of every numeric (non-bool) entry of the first row, over the rows that have it."""
-    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return {k: mean_std([r[k] for r in rows if k in r]) for k in keys}
-
-
-def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    if targets.numel() == 0:
-        return float("nan")
-    return (logits.argmax(1) == targets).float().mean().item()
-
-
-def correct_counts(pred, y: torch.Tensor, latents, tasks: Sequence[Task], num_classes: int) -> torch.Tensor:
+def correct_counts(pred, y: torch.Tensor, latents, tasks: Sequence, num_classes: int) -> torch.Tensor:
     """Per-batch counts as one tensor: [overall_correct, overall_n, (task_correct, task_n) * T].
 
     For a single head over all classes, a class task's accuracy is task-aware: argmax over that task's classes
@@ -41,7 +26,7 @@ def correct_counts(pred, y: torch.Tensor, latents, tasks: Sequence[Task], num_cl
             target = t.local_labels(y, latents)
             per += [(logits.argmax(1) == target).sum().item(), float(target.numel())]
         # overall = mean over tasks, stored as sums so the reduction stays exact
-        out = [sum(per[0::2]) , sum(per[1::2])] + per
+        out = [sum(per[0::2]), sum(per[1::2])] + per
     else:
         out = [(pred.argmax(1) == y).sum().item(), float(y.numel())]
         for t in tasks:
@@ -56,7 +41,7 @@ def correct_counts(pred, y: torch.Tensor, latents, tasks: Sequence[Task], num_cl
 
 
 @torch.no_grad()
-def evaluate(method, ds: ArrayDataset, tasks: Sequence[Task], transform, device, batch_size: int = 512) -> Dict[str, float]:
+def evaluate(method, ds, tasks: Sequence, transform, device, batch_size: int = 512) -> Dict[str, float]:
     """Accuracy over ``ds`` (sharded across ranks, counts all-reduced) plus per-task accuracy."""
     was_training = method.training
     method.eval()

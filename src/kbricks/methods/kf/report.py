@@ -1,5 +1,6 @@
-"""``kbricks evaluate`` for a KF run: factor networks vs teacher vs KD student, assembly from the brick store,
-disentanglement (MIG) and transfer of the common knowledge (linear probe on held-out latents)."""
+"""The KF evaluation report (``kbricks evaluate`` on a KF run): factor networks vs teacher vs KD student, assembly
+from the brick store, disentanglement (MIG) and transfer of the common knowledge (linear probe on held-out
+latents). The engine builds the experiment and loads the checkpoint; this module only measures."""
 
 from __future__ import annotations
 
@@ -10,13 +11,11 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import nn
 
+from ...core.hooks import write_csv
+from ...core.metrics import evaluate
+from ...models.frozen import FrozenNetwork, load_frozen
 from .analysis import linear_probe, mutual_info_gap, pca_project
 from .bricks import assemble
-from .checkpoint import load_checkpoint, load_state_into
-from .config import load_config
-from .hooks import write_csv
-from .metrics import evaluate
-from .teachers import FrozenNetwork, load_frozen
 
 
 class Predictor(nn.Module):
@@ -50,13 +49,9 @@ def _prefixed(d: Dict[str, float], prefix: str) -> Dict[str, float]:
     return {f"{prefix}/{k}": v for k, v in d.items()}
 
 
-def kf_report(run_dir: Path, baseline: Optional[Path] = None, checkpoint: str = "last") -> Dict[str, Any]:
-    from .trainer import build_experiment
-
+def kf_report(exp, run_dir: Path, baseline: Optional[Path] = None) -> Dict[str, Any]:
+    """``exp``: the run's experiment (``engine.experiment.Experiment``) with its trained weights loaded."""
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    exp = build_experiment(cfg)
-    load_state_into(exp.method, load_checkpoint(run_dir / "ckpt" / f"{checkpoint}.pt")["model"], "method")
     method, test, train, tasks, tf = exp.method.eval(), exp.data.test, exp.data.train, exp.tasks, exp.transform
     ev = lambda m, ts=tasks, ds=test: evaluate(m, ds, ts, tf, exp.device)  # noqa: E731
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..teachers import load_frozen
+from ..errors import ConfigError
+from ..models.frozen import load_frozen, task_logits
 from .base import METHODS, Batch, Method, MethodContext, MethodParams
 from .supervised import build_network, cross_entropy_loss
 
@@ -31,8 +32,6 @@ def input_norm(ctx: MethodContext):
 
 def check_teacher_outputs(teacher, ctx: MethodContext, where: str) -> None:
     """KD needs the teacher to speak the student's label space (SSKT is the method for foreign label spaces)."""
-    from ..errors import ConfigError
-
     if teacher.task_names:
         missing = [t.name for t in ctx.tasks if t.name not in teacher.task_names]
         if missing:
@@ -44,7 +43,7 @@ def check_teacher_outputs(teacher, ctx: MethodContext, where: str) -> None:
         )
 
 
-@METHODS.register("kd")
+@METHODS.register("kd", tags=("distillation",))
 class KnowledgeDistillation(Method):
     class Config(MethodParams):
         teacher: str = Field(..., description="run directory (or model.json) of the trained teacher")
@@ -63,8 +62,6 @@ class KnowledgeDistillation(Method):
         p = self.params
         out, t_out = self.net(batch.x), self.teacher(batch.x)
         if isinstance(out, list):  # multi-head: one KD + CE term per task head
-            from ..teachers import task_logits
-
             kd = torch.stack([kd_loss(o, task_logits(t_out, t, self.teacher.task_names), p.temperature) for o, t in zip(out, self.tasks)]).sum()
             ce = torch.stack([cross_entropy_loss(o, t.local_labels(batch.y, batch.latents)) for o, t in zip(out, self.tasks)]).sum()
         else:

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Dict, List
 
-from .metrics import mean_std
-from .studies import fmt
-
-
-def _load(path: Path) -> Optional[Dict[str, Any]]:
-    return json.loads(path.read_text()) if path.exists() else None
+from ..core.stats import fmt, mean_std
+from .common import read_study as _load
 
 
 def kf_section(runs: Path) -> List[str]:

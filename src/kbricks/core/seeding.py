@@ -1,0 +1,79 @@
+"""Seeding, device choice and thread count: everything that decides how a run executes."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def derive_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (run seed, epoch, rank...), so each epoch can be replayed exactly."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+def generator(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def set_deterministic(enabled: bool) -> None:
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a clear error otherwise."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"train.device: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={name}: CUDA is not available on this machine (use auto or cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={name}: only {torch.cuda.device_count()} CUDA device(s) are present")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"train.device={name}: MPS is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"train.device: unsupported device type {device.type!r}; use auto, cpu, cuda or mps")
+    return device
+
+
+def default_threads() -> int:
+    """Intra-op threads when the user does not choose: ``KBRICKS_THREADS``, else 1 per process when several
+    processes share the machine (DDP ranks, parallel study workers), else every core."""
+    env = os.environ.get("KBRICKS_THREADS")
+    if env:
+        return max(1, int(env))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cores = os.cpu_count() or 1
+    return max(1, cores // local)
+
+
+def set_threads(n: int | None) -> int:
+    """Set torch's intra-op thread count (``n`` or the default above); returns the value in effect."""
+    n = n or default_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

@@ -1,0 +1,229 @@
+"""The continual task loop on the engine: a strategy (SupSup, ImpressLearn, ...) learns the scenario's tasks one
+after another with the same :class:`~kbricks.engine.trainer.Loop`, run directory, hooks, logging, checkpoints and
+NaN stop as ``kbricks train``; after each task every seen task is evaluated (the accuracy matrix), and at the end
+task inference is measured when the task id is withheld.
+
+Run directory: the usual files (config.yaml, env.json, metrics.jsonl with one row per epoch and per finished task,
+summary.csv, ckpt/last.pt, results.json, model.json + model.safetensors, plots/) plus accuracy_matrix.csv.
+Checkpoints are written after every task; resume continues after the last finished task, and the resumed run is
+identical to an uninterrupted one (randomness is derived from the seed, task, stage and epoch).
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..config import InferenceConfig, RunConfig
+from ..continual.inference import infer_task
+from ..continual.metrics import cl_metrics
+from ..continual.strategy import ContinualStrategy
+from ..core import dist
+from ..core.checkpoint import load_checkpoint, load_state_into, save_checkpoint, save_safetensors
+from ..core.env import environment_info
+from ..core.hooks import CsvSummary, Hook, JsonlLogger, ProgressBar
+from ..core.rundir import RunDirectory
+from ..core.seeding import derive_seed
+from ..data import TaskData
+from ..errors import TrainingDiverged
+from .experiment import Experiment, build_experiment
+from .trainer import Loop, check_resumable, config_yaml, start_run
+
+
+class ContinualTrainer:
+    def __init__(self, exp: Experiment, run: RunDirectory, hooks: Optional[List[Hook]] = None):
+        if not isinstance(exp.method, ContinualStrategy):
+            raise TypeError("the continual loop needs a ContinualStrategy")
+        self.exp, self.cfg, self.run = exp, exp.cfg, run
+        self.run_dir, self.ckpt_dir = run.path, run.ckpt_dir
+        self.strategy: ContinualStrategy = exp.method
+        self.tasks: List[TaskData] = exp.scenario
+        self.num_tasks = len(self.tasks)
+        self.start_task, self.epochs, self.steps_per_epoch, self.label = 0, 0, 0, ""
+        self.R: List[List[Optional[float]]] = []
+        self.seconds: List[float] = []
+        self.hooks: List[Hook] = []
+        if dist.is_main_process():
+            metrics = self.run_dir / "metrics.jsonl"
+            self.hooks = [JsonlLogger(metrics), CsvSummary(self.run_dir / "summary.csv", metrics), ProgressBar(self.cfg.train.progress)]
+        self.hooks += list(hooks or [])
+
+    # ---- hooks, resume ---------------------------------------------------------------------------------------
+    def _hook(self, name: str, *args) -> None:
+        for h in self.hooks:
+            getattr(h, name)(self, *args)
+
+    def keep_row(self, row: Dict[str, Any]) -> bool:
+        return row.get("task", 0) <= self.start_task
+
+    def resume(self) -> None:
+        path = self.ckpt_dir / "last.pt"
+        if not path.exists():
+            return
+        state = load_checkpoint(path)
+        check_resumable(state, self.cfg)
+        load_state_into(self.strategy, state["model"], "continual strategy")
+        self.R, self.seconds, self.start_task = state["R"], state["seconds"], state["next_task"]
+
+    def checkpoint(self, next_task: int) -> None:
+        if dist.is_main_process():
+            save_checkpoint({"model": self.strategy.state_dict(), "R": self.R, "seconds": self.seconds,
+                             "next_task": next_task, "config": self.cfg.to_dict()}, self.ckpt_dir / "last.pt")
+            write_matrix(self.run_dir / "accuracy_matrix.csv", self.R, [t.name for t in self.tasks])
+
+    # ---- one task --------------------------------------------------------------------------------------------
+    def learn_task(self, t: int) -> None:
+        s, T = self.strategy, self.num_tasks
+        s.before_task(t)
+        for i, stage in enumerate(s.stages(t)):
+            params = s.begin_stage(stage)
+            loop = Loop(s, params, self.tasks[stage.task].train, self.exp.transform, stage.optim, self.cfg.train, stage.epochs,
+                        self.exp.device, (self.cfg.seed, t, i), lambda step, losses: self._hook("on_step_end", step, losses),
+                        where=f"in task {t + 1} ({stage.name}) ")
+            self.epochs, self.steps_per_epoch = stage.epochs, loop.steps_per_epoch
+            self.label = f"task {t + 1}/{T} {stage.name}{stage.index if stage.name == 'impression' else ''} "
+            for e in range(stage.epochs):
+                self._hook("on_epoch_start", e)
+                te = time.time()
+                row: Dict[str, Any] = {"task": t + 1, "stage": stage.name, "epoch": e + 1, "lr": loop.lr}
+                try:
+                    row.update(loop.run_epoch(e))
+                except TrainingDiverged as exc:
+                    note = f"tasks 1..{t} are kept in {self.ckpt_dir / 'last.pt'}" if t else "no task was finished yet"
+                    raise TrainingDiverged(f"{exc}; {note}") from None
+                row["time_s"] = time.time() - te
+                self._hook("on_epoch_end", e + 1, row)
+            s.end_stage(stage)
+        s.after_task(t)
+
+    def accuracy(self, j: int) -> float:
+        data, bs = self.tasks[j], self.cfg.train.eval_batch_size
+        x = self.exp.transform(data.test.x.to(self.exp.device), train=False)
+        self.strategy.eval()
+        logits = torch.cat([self.strategy.predict_task(x[i:i + bs], j) for i in range(0, len(x), bs)])
+        return (logits[:, : data.num_classes].argmax(1).cpu() == data.test.y).float().mean().item()
+
+    # ---- the run ---------------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False, stop_after: Optional[int] = None) -> Dict[str, Any]:
+        if resume:
+            self.resume()
+        self._hook("on_fit_start")
+        T = self.num_tasks
+        for t in range(self.start_task, T):
+            self._hook("on_task_start", t)
+            t0 = time.time()
+            self.learn_task(t)
+            self.seconds.append(time.time() - t0)
+            self.R.append([self.accuracy(j) if j <= t else None for j in range(T)])
+            row = {"task": t + 1, "name": self.tasks[t].name, "acc_current": self.R[t][t],
+                   "avg_acc_seen": sum(self.R[t][: t + 1]) / (t + 1), "seconds": self.seconds[-1]}
+            self.checkpoint(t + 1)
+            self._hook("on_task_end", t + 1, row)
+            dist.barrier()
+            if stop_after is not None and t + 1 >= stop_after and t + 1 < T:
+                return {"stopped_after": t + 1}
+        result = self.summarize()
+        if self.cfg.inference is not None and T > 1:
+            if self.strategy.net.has_task_batchnorm():
+                result["task_inference"] = "skipped: per-task BN statistics need the task id"
+            else:
+                result.update(evaluate_inference(self.strategy, self.tasks, self.exp.transform, self.cfg.inference, self.cfg.seed))
+        if dist.is_main_process():
+            self.export(result)
+        self._hook("on_fit_end", result)
+        return result
+
+    def summarize(self) -> Dict[str, Any]:
+        s, full = self.strategy, [list(row) for row in self.R]
+        storage = s.per_task_storage()
+        return {
+            "name": self.cfg.name, "seed": self.cfg.seed, "method": self.cfg.method.name, "tasks": [t.name for t in self.tasks],
+            "accuracy_matrix": full, **cl_metrics(full), "final_accs": full[-1],
+            "params_per_task": storage["entries"], "bytes_per_task": storage["bytes"], "per_task_state": storage["what"],
+            "weights_per_mask": s.net.weights_per_mask(), "stored_masks": s.net.num_stored(),
+            "train_seconds": sum(self.seconds), "chance": [1.0 / t.num_classes for t in self.tasks],
+        }
+
+    def export(self, result: Dict[str, Any]) -> None:
+        tensors = flat_state(self.strategy.state_dict())
+        save_safetensors(tensors, self.run_dir / "model.safetensors", {"format": "kbricks-supermask-v1"})
+        from ..core.checkpoint import fingerprint
+
+        card = {"model": self.cfg.model.model_dump(), "method": self.cfg.method.name, "network": "supermask",
+                "data": self.cfg.data.name, "scenario": self.cfg.data.scenario.model_dump(),
+                "tasks": [{"name": t.name, "num_classes": t.num_classes} for t in self.tasks],
+                "normalize": {"mean": self.exp.transform.mean, "std": self.exp.transform.std},
+                "fingerprint": fingerprint(tensors), "metrics": {k: v for k, v in result.items() if k != "accuracy_matrix"}}
+        self.run.write_json("model.json", card)
+        self.run.write_json("results.json", result)
+        if self.cfg.train.plots:
+            from ..core.plots import plot_accuracy_matrix
+
+            plot_accuracy_matrix(self.R, [t.name for t in self.tasks], self.run_dir / "plots", self.cfg.name)
+
+
+def flat_state(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """A state dict with its extra states (packed masks, coefficients) spread into plain tensors, for safetensors."""
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items() if isinstance(vv, torch.Tensor)})
+        else:
+            out[k] = v
+    return out
+
+
+@torch.no_grad()
+def evaluate_inference(strategy: ContinualStrategy, tasks: List[TaskData], transform, cfg: InferenceConfig, seed: int) -> Dict[str, float]:
+    """Task-id accuracy, and the accuracy of classifying with the inferred id (a wrong id counts as wrong:
+    SupSup's GNu rule), per batch size and rule, over ``trials_per_task`` random batches per task."""
+    out: Dict[str, float] = {}
+    g = torch.Generator().manual_seed(derive_seed(seed, 99))
+    strategy.eval()
+    for m in cfg.methods:
+        for n_img in cfg.images:
+            right_task = right_label = total = 0
+            for t, data in enumerate(tasks):
+                for _ in range(cfg.trials_per_task):
+                    idx = torch.randint(0, len(data.test), (n_img,), generator=g)
+                    x, y = transform(data.test.x[idx], train=False), data.test.y[idx]
+                    guess = infer_task(strategy, x, m)
+                    right_task += int(guess == t)
+                    if guess == t:
+                        pred = strategy.predict_task(x, t)[:, : data.num_classes].argmax(1)
+                        right_label += int((pred == y).sum())
+                    total += n_img
+            out[f"task_inference/{m}/{n_img}img"] = right_task / (len(tasks) * cfg.trials_per_task)
+            out[f"gn_acc/{m}/{n_img}img"] = right_label / total
+    return out
+
+
+def write_matrix(path: Path, R: List[List[Optional[float]]], names: List[str]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["after_task"] + names)
+        for i, row in enumerate(R):
+            w.writerow([names[i]] + ["" if v is None else f"{v:.6f}" for v in row])
+
+
+def run_continual(cfg: RunConfig, run_dir: Optional[Path] = None, resume: bool = False, hooks: Optional[List[Hook]] = None,
+                  overwrite: bool = False, stop_after: Optional[int] = None) -> Dict[str, Any]:
+    """Learn the scenario's tasks in order; returns the results (also in ``run_dir/results.json``)."""
+    run = start_run(cfg, run_dir, resume, overwrite)
+    try:
+        exp = build_experiment(cfg)
+        if dist.is_main_process():
+            run.write_text("config.yaml", config_yaml(cfg))
+            run.write_json("env.json", environment_info(exp.device, dist.world_size()))
+        result = ContinualTrainer(exp, run, hooks).fit(resume=resume, stop_after=stop_after)
+    except BaseException:
+        if dist.is_main_process():
+            run.abandon()
+        raise
+    run.release()
+    result["run_dir"] = str(run.path)
+    return result

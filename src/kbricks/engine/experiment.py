@@ -1,0 +1,126 @@
+"""The experiment factory: a checked config -> data, tasks, input transform and the method, ready to train.
+
+``build_config`` / ``load_config`` are the config schema (``kbricks.config``) plus every check that needs the
+registries: dataset, scenario and model names and their arguments, the method's own options, and whether the
+method fits the run (a continual strategy needs ``data.scenario`` and vice versa).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+from pydantic import ValidationError
+
+from .. import continual as _continual  # noqa: F401  (registers the continual strategies)
+from .. import methods as _methods  # noqa: F401  (registers the methods)
+from ..config import DataConfig, RunConfig, format_validation_error, parse_config, read_yaml
+from ..core.seeding import pick_device, seed_everything
+from ..data import (
+    DATASETS,
+    SCENARIOS,
+    ArrayDataset,
+    BatchAugment,
+    DataSplits,
+    Task,
+    TaskData,
+    build_scenario,
+    build_tasks,
+    channel_stats,
+)
+from ..errors import ConfigError
+from ..methods.base import METHODS, Method, MethodContext
+from ..models import MODELS
+from ..registry import check_kwargs
+
+
+@dataclass
+class Experiment:
+    cfg: RunConfig
+    data: DataSplits
+    tasks: List[Task]
+    method: Method
+    transform: BatchAugment
+    device: torch.device
+    scenario: Optional[List[TaskData]] = None  # continual runs: the task sequence
+
+
+# ---- config checks -------------------------------------------------------------------------------------------
+
+MODEL_SHAPE_ARGS = ("num_classes", "in_channels", "image_size")
+
+
+def build_config(data: dict, overrides: Sequence[str] = ()) -> RunConfig:
+    cfg = parse_config(data, overrides)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path, overrides: Sequence[str] = ()) -> RunConfig:
+    return build_config(read_yaml(Path(path)), overrides)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Fail at load time (not mid-run) on unknown names, constructor arguments or method options."""
+    d = cfg.data
+    data_kwargs = dict(d.kwargs, **({"root": d.root} if d.root is not None else {}))
+    check_kwargs(DATASETS.get(d.name), data_kwargs, f"dataset {d.name!r} (data.kwargs / data.root)")
+    if d.scenario is not None:
+        check_kwargs(SCENARIOS.get(d.scenario.name), {"data": None, **d.scenario.kwargs()}, f"scenario {d.scenario.name!r} (data.scenario)")
+    reserved = sorted(set(MODEL_SHAPE_ARGS) & set(cfg.model.kwargs))
+    if reserved:
+        raise ConfigError(f"model.kwargs must not set {reserved}: they are taken from the data")
+    check_kwargs(MODELS.get(cfg.model.name), {**{k: 1 for k in MODEL_SHAPE_ARGS}, **cfg.model.kwargs}, f"model {cfg.model.name!r} (model.kwargs)")
+    method_params(cfg)
+    continual = "continual" in METHODS.tags(cfg.method.name)
+    if continual and d.scenario is None:
+        raise ConfigError(f"method {cfg.method.name!r} is a continual strategy: set data.scenario (e.g. {{name: permuted, num_tasks: 5}})")
+    if not continual and d.scenario is not None:
+        raise ConfigError(f"data.scenario is set but method {cfg.method.name!r} is not a continual strategy "
+                          f"(continual methods: {', '.join(METHODS.names(tag='continual'))})")
+
+
+def method_params(cfg: RunConfig):
+    """``method.*`` parsed by the chosen method's own Config."""
+    try:
+        return METHODS.get(cfg.method.name).Config.model_validate(cfg.method.params())
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, prefix="method")) from None
+
+
+# ---- building ------------------------------------------------------------------------------------------------
+
+
+def load_data(data: DataConfig) -> DataSplits:
+    kwargs = dict(data.kwargs)
+    if data.root is not None:
+        kwargs["root"] = data.root
+    splits = DATASETS.create(data.name, **kwargs)
+    if data.train_subset is not None:
+        splits.train = splits.train.subset(torch.arange(min(data.train_subset, len(splits.train))))
+    return splits
+
+
+def build_transform(data: DataConfig, train: ArrayDataset) -> BatchAugment:
+    mean = std = None
+    if data.augment.normalize:
+        mean, std = channel_stats(train.x)
+    return BatchAugment(data.augment.crop_padding, data.augment.hflip, mean, std)
+
+
+def build_experiment(cfg: RunConfig, device: Optional[torch.device] = None) -> Experiment:
+    device = device or pick_device(cfg.train.device)
+    seed_everything(cfg.seed)  # model initialisation is a function of the seed only
+    data = load_data(cfg.data)
+    scenario = None
+    if cfg.data.scenario is not None:
+        scenario = build_scenario(cfg.data.scenario.name, data, **cfg.data.scenario.kwargs())
+        train, tasks = scenario[0].train, []  # every task is normalised with the first task's statistics
+    else:
+        train, tasks = data.train, build_tasks(cfg.data.tasks, data.train)
+    transform = build_transform(cfg.data, train)
+    ctx = MethodContext(cfg, train, tasks, device, transform, scenario)
+    method = METHODS.get(cfg.method.name)(method_params(cfg), ctx).to(device)
+    return Experiment(cfg, data, tasks, method, transform, device, scenario)

@@ -1,0 +1,393 @@
+"""The training loop: one readable epoch/step loop (:class:`Loop`), and a training run around it (:class:`Trainer`):
+run directory, hooks for logging, atomic checkpoints, exact resume, NaN stop, export.
+
+Randomness is re-derived from (seed, epoch, rank) at the start of every epoch, so a run resumed from the
+checkpoint of epoch e replays epochs e+1.. exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..config import OptimConfig, RunConfig, TrainConfig
+from ..core import dist
+from ..core.checkpoint import fingerprint, load_checkpoint, load_state_into, save_checkpoint, save_safetensors
+from ..core.env import environment_info
+from ..core.hooks import CsvSummary, Hook, JsonlLogger, PlotCurves, ProgressBar, read_jsonl
+from ..core.metrics import evaluate
+from ..core.rundir import RunDirectory
+from ..core.seeding import derive_seed, generator, pick_device, set_deterministic, set_threads
+from ..data import ArrayDataset, BatchAugment
+from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from ..methods.base import Batch
+from ..models import count_parameters
+from .experiment import Experiment, build_experiment, validate
+
+
+def make_optimizer(o: OptimConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    lr = o.lr * (dist.world_size() if o.scale_lr_with_world_size else 1)
+    params = list(params)
+    if not params:
+        raise ConfigError("the method has no trainable parameters")
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+    if o.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return cls(params, lr=lr, weight_decay=o.weight_decay)
+
+
+def make_scheduler(o: OptimConfig, opt: torch.optim.Optimizer, epochs: int, steps_per_epoch: int):
+    total, warmup = epochs * steps_per_epoch, o.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if o.schedule == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if o.schedule == "step":
+            epoch = step // steps_per_epoch
+            return o.gamma ** sum(epoch >= m for m in o.milestones)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class Loop:
+    """Epochs of seeded, shuffled mini-batches over one dataset: the module's named losses, backward, step.
+
+    ``module.training_step(batch)`` (through ``forward``, for DDP) returns ``{"loss": ..., other terms}``.
+    ``seed_key`` names the loop (the run seed, plus the task and stage for continual runs): the data order,
+    augmentation and any sampling inside the module are functions of (seed_key, epoch, rank) only.
+    """
+
+    def __init__(self, module: nn.Module, parameters: Sequence[nn.Parameter], data: ArrayDataset, transform: BatchAugment,
+                 optim: OptimConfig, train: TrainConfig, epochs: int, device: torch.device, seed_key: Sequence[int],
+                 on_step: Optional[Callable[[int, Dict[str, float]], None]] = None, where: str = ""):
+        self.module, self.data, self.transform, self.train_cfg = module, data, transform, train
+        self.device, self.seed_key, self.on_step, self.where = device, tuple(seed_key), on_step, where
+        self.parameters = list(parameters)
+        self.model = dist.wrap_ddp(module, device, sync_batchnorm=train.sync_batchnorm)
+        world = dist.world_size()
+        self.batch_size = train.batch_size
+        self.global_batch = train.batch_size * world
+        n = len(data)
+        if n < self.global_batch:
+            raise DataError(f"training set has {n} samples, fewer than one batch (train.batch_size={train.batch_size} x {world} processes)")
+        self.steps_per_epoch = n // self.global_batch
+        if train.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, train.max_steps_per_epoch)
+        self.epochs = epochs
+        self.optimizer = make_optimizer(optim, self.parameters)
+        self.scheduler = make_scheduler(optim, self.optimizer, epochs, self.steps_per_epoch)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def set_base_lr(self, lr: float) -> None:
+        """Change the base learning rate mid-run (resume with a new ``optim.lr``), keeping the schedule's position."""
+        sched = self.scheduler
+        sched.base_lrs = [lr for _ in sched.base_lrs]
+        for g, fn in zip(self.optimizer.param_groups, sched.lr_lambdas):
+            g["initial_lr"] = lr
+            g["lr"] = lr * fn(sched.last_epoch)
+
+    def run_epoch(self, epoch: int) -> Dict[str, float]:
+        """One epoch; returns the mean of every named loss term (``train/<name>``), averaged over ranks."""
+        rank, bs, data = dist.rank(), self.batch_size, self.data
+        shuffle = generator(derive_seed(*self.seed_key, epoch))  # same permutation on every rank
+        aug = generator(derive_seed(*self.seed_key, epoch, rank, 1))
+        torch.manual_seed(derive_seed(*self.seed_key, epoch, rank, 2))  # dropout, sampling inside methods
+        perm = torch.randperm(len(data), generator=shuffle)
+        self.model.train()
+        sums: Dict[str, torch.Tensor] = {}
+        for step in range(self.steps_per_epoch):
+            start = step * self.global_batch + rank * bs
+            idx = perm[start:start + bs]
+            raw = data.x[idx].to(self.device)
+            batch = Batch(
+                x=self.transform(raw, train=True, generator=aug),
+                y=data.y[idx].to(self.device),
+                latents=data.latents[idx].to(self.device) if data.latents is not None else None,
+                index=idx,
+                raw=raw,
+            )
+            losses = self.model(batch)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(self._diverged_message(loss, losses, batch, epoch, step))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.train_cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.parameters, self.train_cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            if self.on_step is not None:
+                self.on_step(step, {"loss": loss.item()})
+        keys = sorted(sums)
+        means = dist.all_reduce_mean(torch.stack([sums[k] for k in keys]) / self.steps_per_epoch)
+        return {f"train/{k}": v for k, v in zip(keys, means.tolist())}
+
+    def _diverged_message(self, loss, losses, batch: Batch, epoch: int, step: int) -> str:
+        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        head = f"loss became {loss.item()} {self.where}at epoch {epoch + 1}, step {step + 1} ({terms})"
+        if not torch.isfinite(batch.raw).all():
+            return f"{head}: the input batch itself holds NaN or inf values; clean the data"
+        return f"{head}. Lower optim.lr or set train.grad_clip"
+
+
+class Trainer:
+    """One training run of ``exp`` into ``run`` (a :class:`RunDirectory`): epochs, evaluation, checkpoints, export."""
+
+    def __init__(self, exp: Experiment, run: RunDirectory, hooks: Optional[List[Hook]] = None):
+        self.exp, self.cfg, self.run = exp, exp.cfg, run
+        self.run_dir, self.ckpt_dir = run.path, run.ckpt_dir
+        self.method = exp.method
+        self.loop = Loop(self.method, list(self.method.trainable_parameters()), exp.data.train, exp.transform, self.cfg.optim,
+                         self.cfg.train, self.cfg.train.epochs, exp.device, (self.cfg.seed,), self._on_step)
+        self.steps_per_epoch, self.epochs, self.label = self.loop.steps_per_epoch, self.cfg.train.epochs, ""
+        self.start_epoch, self.best, self.best_epoch = 0, -1.0, 0
+        self.card: Dict[str, Any] = {}
+        self.hooks: List[Hook] = []
+        if dist.is_main_process():
+            metrics = self.run_dir / "metrics.jsonl"
+            self.hooks = [JsonlLogger(metrics), CsvSummary(self.run_dir / "summary.csv", metrics), ProgressBar(self.cfg.train.progress)]
+            if self.cfg.train.plots:
+                self.hooks.append(PlotCurves(metrics, self.run_dir / "plots"))
+            self.hooks += self.method.hooks()
+        self.hooks += list(hooks or [])
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def state(self, epoch: int) -> Dict[str, Any]:
+        return {"model": self.method.state_dict(), **self.loop.state_dict(), "epoch": epoch, "best": self.best,
+                "best_epoch": self.best_epoch, "config": self.cfg.to_dict()}
+
+    def resume(self) -> None:
+        path = self.ckpt_dir / "last.pt"
+        if not path.exists():
+            return
+        state = load_checkpoint(path)
+        check_resumable(state, self.cfg)
+        load_state_into(self.method, state["model"], "method")
+        self.loop.load_state_dict(state)
+        apply_optim_overrides(self.loop, state.get("config", {}).get("optim", {}), self.cfg)
+        self.start_epoch, self.best, self.best_epoch = state["epoch"], state["best"], state["best_epoch"]
+
+    def checkpoint_note(self) -> str:
+        last = self.ckpt_dir / "last.pt"
+        if not last.exists():
+            return "no checkpoint was written yet (nothing to resume)"
+        epoch = load_checkpoint(last).get("epoch")
+        return f"the last good checkpoint (epoch {epoch}) is {last}: resume it with --resume -o optim.lr=<lower>"
+
+    def keep_row(self, row: Dict[str, Any]) -> bool:
+        return row.get("epoch", 0) <= self.start_epoch
+
+    def _hook(self, name: str, *args) -> None:
+        for h in self.hooks:
+            getattr(h, name)(self, *args)
+
+    def _on_step(self, step: int, losses: Dict[str, float]) -> None:
+        self._hook("on_step_end", step, losses)
+
+    # ---- the run -----------------------------------------------------------------------------------
+    def evaluate(self) -> Dict[str, float]:
+        exp = self.exp
+        m = evaluate(self.method, exp.data.test, exp.tasks, exp.transform, exp.device, self.cfg.train.eval_batch_size)
+        return {f"test/{k}": v for k, v in m.items()}
+
+    def fit(self, resume: bool = False) -> Dict[str, Any]:
+        if resume:
+            self.resume()
+        self._hook("on_fit_start")
+        t0 = time.time()
+        last_metrics: Dict[str, Any] = {}
+        train = self.cfg.train
+        for epoch in range(self.start_epoch, train.epochs):
+            self._hook("on_epoch_start", epoch)
+            te = time.time()
+            metrics: Dict[str, Any] = {"epoch": epoch + 1, "lr": self.loop.lr}
+            try:
+                metrics.update(self.loop.run_epoch(epoch))
+            except TrainingDiverged as exc:
+                raise TrainingDiverged(f"{exc}; {self.checkpoint_note()}") from None
+            metrics["lr"] = self.loop.scheduler.get_last_lr()[0]
+            done = epoch + 1
+            if done % train.eval_every == 0 or done == train.epochs:
+                metrics.update(self.evaluate())
+                if metrics["test/acc"] > self.best:
+                    self.best, self.best_epoch = metrics["test/acc"], done
+                    if dist.is_main_process():
+                        save_checkpoint({"model": self.method.state_dict(), "epoch": done, "config": self.cfg.to_dict()}, self.ckpt_dir / "best.pt")
+            metrics["time_s"] = time.time() - te
+            self._hook("on_epoch_end", done, metrics)
+            if dist.is_main_process() and (done % train.checkpoint_every == 0 or done == train.epochs):
+                save_checkpoint(self.state(done), self.ckpt_dir / "last.pt")
+            dist.barrier()
+            last_metrics = metrics
+        if not last_metrics:  # already complete: report the stored final epoch
+            rows = read_jsonl(self.run_dir / "metrics.jsonl")
+            last_metrics = rows[-1] if rows else self.evaluate()
+        summary = self.summarize(last_metrics, time.time() - t0)
+        if dist.is_main_process():
+            self.export(summary)
+        self._hook("on_fit_end", summary)
+        dist.barrier()
+        return summary
+
+    def summarize(self, last: Dict[str, Any], seconds: float) -> Dict[str, Any]:
+        return {
+            "name": self.cfg.name,
+            "seed": self.cfg.seed,
+            "epochs": self.cfg.train.epochs,
+            "final": {k: v for k, v in last.items() if k.startswith("test/")},
+            "best": {"test/acc": self.best, "epoch": self.best_epoch},
+            "params": count_parameters(self.method.export_module()),
+            "train_seconds_this_session": round(seconds, 2),
+            "world_size": dist.world_size(),
+        }
+
+    def export(self, summary: Dict[str, Any]) -> None:
+        """Shareable weights (safetensors) + a JSON card that says how to rebuild and what they scored."""
+        net = self.method.export_module()
+        tensors = net.state_dict()
+        save_safetensors(tensors, self.run_dir / "model.safetensors", {"format": "kbricks-model-v1"})
+        train = self.exp.data.train
+        self.card = {
+            "model": self.cfg.model.model_dump(),
+            "method": self.cfg.method.name,
+            "network": network_kind(net),
+            "data": self.cfg.data.name,
+            "num_classes": train.num_classes,
+            "classes": train.classes,
+            "in_channels": train.in_channels,
+            "image_size": train.image_size,
+            "normalize": {"mean": self.exp.transform.mean, "std": self.exp.transform.std},
+            "tasks": [t.to_dict() for t in self.exp.tasks],
+            "fingerprint": fingerprint(tensors),
+            "metrics": summary,
+        }
+        self.run.write_json("model.json", self.card)
+        self.run.write_json("results.json", summary)
+
+
+def network_kind(net: nn.Module) -> str:
+    """What model.safetensors rebuilds: ``classifier`` (one network over the data's classes or task heads) or
+    ``factors`` (KF factor networks: load the bricks instead)."""
+    from ..models.factorized import FactorNetworks
+
+    return "factors" if isinstance(net, FactorNetworks) else "classifier"
+
+
+def check_resumable(state: Dict[str, Any], cfg: RunConfig) -> None:
+    """A checkpoint may only be continued with the same seed, data, model and method (training length and some
+    optimiser settings may change)."""
+    saved = state.get("config", {})
+    now = cfg.to_dict()
+    for key in ("seed", "data", "model", "method"):
+        if saved.get(key) != now[key]:
+            raise CheckpointError(f"cannot resume: the checkpoint was trained with a different '{key}' config "
+                                  f"(start a new run, or resume with the original {key} settings)")
+
+
+def apply_optim_overrides(loop: Loop, saved: Dict[str, Any], cfg: RunConfig) -> None:
+    """On resume the optimiser state comes from the checkpoint; a changed ``optim.lr``, ``weight_decay`` or
+    ``momentum`` is applied to it explicitly (and said so), never silently ignored. Other optimiser changes are
+    refused."""
+    o, now = cfg.optim, cfg.optim.model_dump(mode="json")
+    fixed = [k for k in now if k not in ("lr", "weight_decay", "momentum") and k in saved and saved[k] != now[k]]
+    if fixed:
+        raise CheckpointError(f"cannot resume: optim.{fixed[0]} changed from {saved[fixed[0]]!r} to {now[fixed[0]]!r}; "
+                              "only optim.lr, optim.weight_decay and optim.momentum can change on resume")
+    changed = [k for k in ("lr", "weight_decay", "momentum") if k in saved and saved[k] != now[k]]
+    for key in changed:
+        if key == "lr":
+            loop.set_base_lr(o.lr * (dist.world_size() if o.scale_lr_with_world_size else 1))
+        else:
+            for g in loop.optimizer.param_groups:
+                if key in g:
+                    g[key] = now[key]
+    if changed and dist.is_main_process():
+        import sys
+
+        text = ", ".join(f"optim.{k} {saved[k]} -> {now[k]}" for k in changed)
+        print(f"kbricks: resuming with {text} (applied to the restored optimiser)", file=sys.stderr)
+
+
+def open_run(cfg: RunConfig, run_dir: Optional[Path], resume: bool, overwrite: bool = False) -> RunDirectory:
+    """Rank 0 checks and locks the run directory (refusing before anything is written); every rank gets its path."""
+    path: Optional[str] = None
+    run: Optional[RunDirectory] = None
+    if dist.is_main_process():
+        run = RunDirectory.open(Path(run_dir) if run_dir else None, cfg.out_dir, cfg.name, cfg.seed, resume, overwrite)
+        path = str(run.path)
+        if run_dir is None and cfg.train.progress != "off":
+            import sys
+
+            print(f"kbricks: run directory {path}", file=sys.stderr, flush=True)
+    path = dist.broadcast_object(path)
+    return run if run is not None else RunDirectory(Path(path), created=False)
+
+
+def start_run(cfg: RunConfig, run_dir: Optional[Path], resume: bool, overwrite: bool) -> RunDirectory:
+    """Everything before training that can fail without touching the disk happens first."""
+    validate(cfg)
+    device = pick_device(cfg.train.device)
+    set_threads(cfg.train.num_threads)
+    set_deterministic(cfg.train.deterministic)
+    dist.init_from_env(device, cfg.train.ddp_timeout_s)
+    run = open_run(cfg, run_dir, resume, overwrite)
+    if resume and dist.is_main_process() and run.has_checkpoint():
+        try:
+            check_resumable(load_checkpoint(run.ckpt_dir / "last.pt"), cfg)
+        except BaseException:
+            run.release()
+            raise
+    return run
+
+
+def run_training(cfg: RunConfig, run_dir: Optional[Path] = None, resume: bool = False, hooks: Optional[List[Hook]] = None,
+                 overwrite: bool = False) -> Dict[str, Any]:
+    """Build everything from ``cfg`` and train; returns the summary (also in ``run_dir/results.json``). Continual
+    configs (``data.scenario``) run the task loop of ``engine.continual``."""
+    if cfg.is_continual:
+        from .continual import run_continual
+
+        return run_continual(cfg, run_dir, resume=resume, hooks=hooks, overwrite=overwrite)
+    run = start_run(cfg, run_dir, resume, overwrite)
+    try:
+        exp = build_experiment(cfg)
+        if dist.is_main_process():
+            run.write_text("config.yaml", config_yaml(cfg))
+            run.write_json("env.json", environment_info(exp.device, dist.world_size()))
+        summary = Trainer(exp, run, hooks).fit(resume=resume)
+    except BaseException:
+        if dist.is_main_process():
+            run.abandon()
+        raise
+    run.release()
+    summary["run_dir"] = str(run.path)
+    return summary
+
+
+def config_yaml(cfg: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

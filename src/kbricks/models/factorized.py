@@ -1,0 +1,101 @@
+"""Factorized networks (Knowledge Factorization): one common-knowledge network (CKN) shared by every task, one
+task-specific network (TSN) per task, and the assembled multi-task network built from them.
+
+Factor network t = CKN + TSN_t:  logits_t = head_t(combine(z_c, z_t)),  z_c = CKN.features(x),
+z_t ~ N(mu_t(x), sigma_t(x)^2) (its mean at evaluation).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.tasks import Task
+from .base import Classifier
+
+
+class TaskSpecificNetwork(nn.Module):
+    """A small backbone, a Gaussian encoder (mu, log-variance) of size ``dim``, and the task head."""
+
+    def __init__(self, backbone: Classifier, dim: int, ckn_dim: int, num_outputs: int, combine: str):
+        super().__init__()
+        self.backbone = backbone
+        self.mu = nn.Linear(backbone.feature_dim, dim)
+        self.logvar = nn.Linear(backbone.feature_dim, dim)
+        self.combine = combine
+        self.head = nn.Linear(ckn_dim + dim if combine == "concat" else dim, num_outputs)
+        self.task_head = nn.Linear(dim, num_outputs)  # training only: z_t alone must predict the task
+        nn.init.constant_(self.logvar.bias, -4.0)  # start nearly deterministic; the KL term widens it as allowed
+
+    def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        h = self.backbone.features(x)
+        return self.mu(h), self.logvar(h).clamp(-10.0, 10.0)
+
+    def forward(self, x: torch.Tensor, z_c: torch.Tensor, sample: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, mu, logvar, _ = self.forward_train(x, z_c, sample)
+        return logits, mu, logvar
+
+    def forward_train(self, x: torch.Tensor, z_c: torch.Tensor, sample: bool):
+        """(factor logits, mu, logvar, task-only logits from z_t alone)."""
+        mu, logvar = self.encode(x)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
+        joint = torch.cat([z_c, z], 1) if self.combine == "concat" else z_c + z
+        return self.head(joint), mu, logvar, self.task_head(z)
+
+
+def task_output_size(task: Task, num_classes: int) -> int:
+    """Class tasks that do not cover every class get an extra 'other' output."""
+    if task.classes is not None and len(task.classes) < num_classes:
+        return task.num_classes + 1
+    return task.num_classes
+
+
+class FactorNetworks(nn.Module):
+    """One CKN plus one TSN per task. ``forward`` gives every factor network's logits."""
+
+    def __init__(self, ckn: Classifier, tsns: Sequence[TaskSpecificNetwork]):
+        super().__init__()
+        self.ckn = ckn
+        self.tsns = nn.ModuleList(tsns)
+
+    def forward(self, x: torch.Tensor, sample: bool = False) -> List[torch.Tensor]:
+        z_c = self.ckn.features(x)  # computed once for all factors
+        return [tsn(x, z_c, sample)[0] for tsn in self.tsns]
+
+
+def combined_class_scores(factor_logits: Sequence[torch.Tensor], tasks: Sequence[Task], num_classes: int) -> torch.Tensor:
+    """Union classifier from class-task factors: each factor's log-probabilities for its own classes, placed in the
+    teacher's class order; classes no chosen factor covers get -inf."""
+    ref = factor_logits[0]
+    scores = torch.full((ref.shape[0], num_classes), float("-inf"), device=ref.device, dtype=ref.dtype)
+    for logits, task in zip(factor_logits, tasks):
+        scores[:, list(task.classes)] = F.log_softmax(logits, dim=1)[:, : task.num_classes]
+    return scores
+
+
+class AssembledNetwork(nn.Module):
+    """CKN computed once, then each chosen TSN. Class tasks -> one classifier over the union of their classes;
+    latent tasks -> a list with one output per task."""
+
+    def __init__(self, factors: FactorNetworks, tasks: Sequence[Task], num_classes: int, manifests: Sequence[Dict[str, Any]]):
+        super().__init__()
+        self.factors, self.tasks, self.num_classes = factors, list(tasks), num_classes
+        self.manifests = list(manifests)
+
+    @property
+    def is_class_union(self) -> bool:
+        return all(t.classes is not None for t in self.tasks)
+
+    @property
+    def classes(self) -> List[int]:
+        return sorted(c for t in self.tasks for c in (t.classes or ()))
+
+    def factor_outputs(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return self.factors(x)
+
+    def forward(self, x: torch.Tensor):
+        outs = self.factors(x)
+        return combined_class_scores(outs, self.tasks, self.num_classes) if self.is_class_union else outs

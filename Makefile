@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kbricks-installed
 
-.PHONY: venv test test-slow demo bench lint clean
+.PHONY: venv test test-slow demo bench lint readme report clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,8 +33,16 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
+# Tables from the committed raw results (results/runs/**/study.json), no training: RESULTS.md, REPRODUCTION.md, README block
+report: $(STAMP)
+	$(PY) -m kbricks report --runs results/runs --out results
+	$(PY) scripts/update_readme.py
+
+readme: $(STAMP)
+	$(PY) scripts/update_readme.py
+
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks scripts
 
 clean:
 	rm -rf runs .pytest_cache

@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 from common import report, time_interleaved
 
-from kbricks.config import load_config
+from kbricks import load_config
+from kbricks.engine.experiment import build_experiment
+from kbricks.engine.trainer import run_training
 from kbricks.methods import Batch
 from kbricks.models import count_parameters
 from kbricks.studies import configs_root
-from kbricks.trainer import build_experiment, run_training
 
 
 def step_fn(exp, batch_size: int):

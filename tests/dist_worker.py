@@ -7,8 +7,8 @@ import sys
 
 import torch
 
-from kbricks.core import dist
 from kbricks import build_config
+from kbricks.core import dist
 from kbricks.core.hooks import Hook
 from kbricks.engine.trainer import run_training
 

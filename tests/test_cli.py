@@ -63,3 +63,44 @@ def test_list_and_module_entry_point(tmp_path):
     assert out.split() == ["models:", "wrn", "wrn28_10", "wrn28_2", "wrn28_4"]
     bad = subprocess.run([sys.executable, "-m", "kbricks", "train", str(tmp_path / "x.yaml")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("kbricks: error:")
+
+
+def test_list_shows_masked_models_continual_methods_and_scenarios(capsys):
+    assert main(["list", "models", "--tag", "masked"]) == 0
+    out = capsys.readouterr().out.split()
+    assert "masked_mlp" in out and "masked_convnet" in out and "resnet20" not in out
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("scenarios:", "permuted", "rotated", "split", "supsup  [continual]", "impresslearn  [continual]",
+                   "masked_mlp  [masked]", "continual/supsup_permuted.yaml", "kf  [factorization]"):
+        assert needle in out, needle
+
+
+def test_user_code_via_import_appears_in_list(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_models_plugin.py").write_text(
+        "from torch import nn\n"
+        "from kbricks.models import MODELS\n"
+        "@MODELS.register('my_tiny_mlp', tags=('user',))\n"
+        "def my_tiny_mlp(num_classes=10, in_channels=1, image_size=8):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, num_classes))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["--import", "my_models_plugin", "list", "models", "--tag", "user"]) == 0
+    assert capsys.readouterr().out.split() == ["models:", "my_tiny_mlp", "[user]"]
+    assert main(["--import", "no_such_module_xyz", "list"]) == 2
+    assert "--import no_such_module_xyz: ModuleNotFoundError" in capsys.readouterr().err
+
+
+def test_continual_run_through_the_train_command(tmp_path, capsys):
+    cfg = {"name": "cl", "data": {"name": "digits", "scenario": {"name": "split", "num_tasks": 2}},
+           "model": {"name": "masked_mlp", "kwargs": {"hidden": [32]}}, "method": {"name": "supsup"},
+           "optim": {"name": "adam", "lr": 0.01, "weight_decay": 0.0, "schedule": "constant"},
+           "train": {"epochs": 2, "batch_size": 64, "progress": "off", "plots": False}}
+    run = tmp_path / "run"
+    assert main(["train", str(write_cfg(tmp_path, cfg)), "--run-dir", str(run)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["run_dir"] == str(run) and len(out["final_accs"]) == 2 and out["forgetting"] == 0.0
+    for f in ("config.yaml", "env.json", "metrics.jsonl", "summary.csv", "ckpt/last.pt", "results.json", "model.json"):
+        assert (run / f).exists(), f
+    assert main(["train", str(write_cfg(tmp_path, cfg)), "--run-dir", str(run)]) == 2
+    assert "already holds a run" in capsys.readouterr().err

@@ -14,7 +14,16 @@ from kbricks.engine.continual import ContinualTrainer, run_continual
 from kbricks.engine.experiment import build_experiment
 from kbricks.errors import CheckpointError, ConfigError
 from kbricks.models.masked import (
-    Combination, FixedMasks, MaskBank, MaskedConv2d, MaskedLinear, ScoreMasks, StoredMask, pack_bits, supermask, topk_mask, unpack_bits,
+    Combination,
+    FixedMasks,
+    MaskBank,
+    MaskedConv2d,
+    ScoreMasks,
+    StoredMask,
+    pack_bits,
+    supermask,
+    topk_mask,
+    unpack_bits,
 )
 
 

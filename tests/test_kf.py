@@ -5,14 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kbricks.methods.kf.bricks import BrickMismatchError, assemble, load_brick, save_assembled
-from kbricks.core.checkpoint import load_safetensors, save_safetensors
 from kbricks import build_config
+from kbricks.core.checkpoint import load_safetensors, save_safetensors
+from kbricks.engine.experiment import build_experiment
+from kbricks.engine.trainer import run_training
 from kbricks.errors import CheckpointError
 from kbricks.methods.kd import kd_loss
 from kbricks.methods.kf import gaussian_kl, imb_loss, info_nce, merge_other
-from kbricks.engine.experiment import build_experiment
-from kbricks.engine.trainer import run_training
+from kbricks.methods.kf.bricks import BrickMismatchError, assemble, load_brick, save_assembled
 
 # ---- loss terms ---------------------------------------------------------------------------------------------
 

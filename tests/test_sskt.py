@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from kbricks import build_config
+from kbricks.engine.experiment import build_experiment
+from kbricks.engine.trainer import run_training
 from kbricks.errors import ConfigError
 from kbricks.methods import Batch
 from kbricks.methods.dml import dml_loss
 from kbricks.methods.maxl import focal_loss, hierarchy_mask, masked_softmax, negative_entropy_of_mean
 from kbricks.methods.sskt import soft_cross_entropy, sskt_loss
-from kbricks.engine.experiment import build_experiment
-from kbricks.engine.trainer import run_training
 
 # ---- pure losses against hand-computed values ----------------------------------------------------------------
 

@@ -47,5 +47,5 @@ def test_claims_are_evaluated_from_study_outputs(tmp_path, monkeypatch):
     params = next(r for r in rows if r["paper"].startswith("Orders of magnitude"))
     assert params["verdict"] == "holds" and "fewer entries" in params["ours"]
     assert all(r["verdict"] == "not run" for r in rows if r["area"] in ("KF", "SSKT"))
-    md = write_reproduction(tmp_path / "runs", tmp_path, quick=True, minutes=1.0, command="kbricks reproduce --quick").read_text()
+    md = write_reproduction(tmp_path / "runs", tmp_path, quick=True).read_text()
     assert "| SupSup/ImpressLearn |" in md and "**holds**" in md

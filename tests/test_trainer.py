@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from kbricks.core.checkpoint import load_checkpoint, load_safetensors
-from kbricks.errors import ConfigError, TrainingDiverged
 from kbricks.core.hooks import Hook, read_jsonl
-from kbricks.models import create_model
 from kbricks.engine.experiment import build_experiment
 from kbricks.engine.trainer import run_training
+from kbricks.errors import ConfigError, TrainingDiverged
+from kbricks.models import create_model
 
 
 def test_run_dir_contents_and_learning(tiny_cfg, tmp_path):

@@ -105,21 +105,23 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .studies import write_results
+    """Every table from the raw results, no training: RESULTS.md (+ plots) and REPRODUCTION.md."""
+    from .studies import write_reproduction, write_results
 
-    print(write_results(Path(args.runs), Path(args.out)))
+    runs, out = Path(args.runs), Path(args.out)
+    quick = runs.name.endswith("-quick")
+    if not quick:
+        print(write_results(runs, out))
+    print(write_reproduction(runs, out, quick))
     return 0
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from .studies import reproduce, write_reproduction, write_results
+    from .studies import reproduce
 
     if args.tables_only:
-        runs = Path(args.out) / ("runs-quick" if args.quick else "runs")
-        if not args.quick:
-            write_results(runs, Path(args.out))
-        print(write_reproduction(runs, Path(args.out), args.quick, args.minutes, "kbricks reproduce --tables-only"))
-        return 0
+        args.runs = str(Path(args.out) / ("runs-quick" if args.quick else "runs"))
+        return _cmd_report(args)
     path = reproduce(args.quick, Path(args.out), configs=Path(args.configs) if args.configs else None)
     print(path.read_text())
     return 0
@@ -180,11 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--quick", action="store_true", help="small budgets, 3 seeds")
     rep.add_argument("--out", default="results")
     rep.add_argument("--configs", help="directory of the configs to use (default: the shipped ones)")
-    rep.add_argument("--tables-only", action="store_true", help="only re-evaluate the claims from existing study.json files")
-    rep.add_argument("--minutes", type=float, default=0.0, help="with --tables-only: the measured run time to record")
+    rep.add_argument("--tables-only", action="store_true", help="no training: the tables from existing study.json files (= kbricks report)")
     rep.set_defaults(func=_cmd_reproduce)
 
-    rp = sub.add_parser("report", help="write RESULTS.md tables and plots from the studies' study.json files")
+    rp = sub.add_parser("report", help="RESULTS.md (tables, plots) and REPRODUCTION.md from the studies' study.json files, no training")
     rp.add_argument("--runs", default="results/runs")
     rp.add_argument("--out", default="results")
     rp.set_defaults(func=_cmd_report)

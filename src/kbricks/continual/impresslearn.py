@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import OptimConfig
 from ..methods.base import METHODS
-from ..models.masked import Combination, MaskSource, ScoreMasks
+from ..models.masked import CachedWeights, Combination, MaskSource, ScoreMasks
 from .strategy import ContinualStrategy, Stage, StrategyParams
 
 
@@ -44,6 +44,7 @@ class ImpressLearn(ContinualStrategy):
         self.scores = nn.ParameterList()
         self.alpha: Optional[nn.Parameter] = None
         self.alphas: Dict[int, torch.Tensor] = {}  # task -> [layers, k at the time]
+        self._cached = None  # ((task, masks stored), FixedMasks) of the last evaluated task
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def before_task(self, t: int) -> None:
@@ -101,7 +102,12 @@ class ImpressLearn(ContinualStrategy):
         return F.pad(a, (0, self.net.num_stored() - a.shape[1]))
 
     def task_source(self, t: int) -> MaskSource:
-        return Combination(self.coefficients(t))
+        """Task t's combined masks, computed once (k x N per layer) and kept while t is evaluated: every further
+        batch is a plain masked forward, whatever the number of tasks."""
+        key = (t, self.net.num_stored())
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, CachedWeights(self.net, Combination(self.coefficients(t))))
+        return self._cached[1]
 
     def task_coefficients(self) -> Optional[torch.Tensor]:
         return torch.stack([self.coefficients(t) for t in sorted(self.alphas)])
@@ -115,3 +121,4 @@ class ImpressLearn(ContinualStrategy):
 
     def set_extra_state(self, state) -> None:
         self.alphas = {int(k.split("_")[1]): v for k, v in state.items() if k.startswith("alpha_")}
+        self._cached = None

@@ -13,7 +13,8 @@ sets a *mask source* for the duration of the block and always restores the previ
 * :class:`StoredMask`   - one mask of each layer's :class:`MaskBank` (a SupSup task): cost independent of how many
   masks are stored;
 * :class:`Combination`  - real coefficients over the stored masks, sum_i alpha_i M_i (ImpressLearn);
-* :class:`FixedMasks`   - given per-layer mask tensors (cached combinations, superpositions for task inference).
+* :class:`FixedMasks`   - given per-layer mask tensors (superpositions for task inference);
+* :class:`CachedWeights` - any source's effective weights computed once (evaluating a task over many batches).
 
 Masks are stored packed, 1 bit per weight, in banks that grow by doubling their capacity.
 """
@@ -165,6 +166,10 @@ class MaskSource:
     def mask(self, index: int, layer: "MaskedLayer") -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def weight(self, index: int, layer: "MaskedLayer") -> torch.Tensor:
+        """The layer's effective weight W * mask."""
+        return layer.weight * self.mask(index, layer)
+
 
 class ScoreMasks(MaskSource):
     def __init__(self, scores: Sequence[torch.Tensor], density: float):
@@ -201,6 +206,20 @@ class FixedMasks(MaskSource):
         return self.masks[index]
 
 
+class CachedWeights(MaskSource):
+    """Effective weights W * mask computed once (evaluating one task over many batches: dense-forward cost)."""
+
+    def __init__(self, net: "SupermaskNet", source: MaskSource):
+        with torch.no_grad():
+            self.weights = [source.weight(i, layer) for i, layer in enumerate(net.masked_layers())]
+
+    def mask(self, index: int, layer: "MaskedLayer") -> torch.Tensor:  # pragma: no cover - weight() is used
+        return self.weights[index] / layer.weight
+
+    def weight(self, index: int, layer: "MaskedLayer") -> torch.Tensor:
+        return self.weights[index]
+
+
 # ---- layers --------------------------------------------------------------------------------------------------
 
 
@@ -226,7 +245,7 @@ class MaskedLayer(nn.Module):
     def effective_weight(self) -> torch.Tensor:
         if self.source is None:
             raise RuntimeError("masked layer called outside `with net.using(source, task)`: no mask chosen")
-        return self.weight * self.source.mask(self.index, self)
+        return self.source.weight(self.index, self)
 
 
 class MaskedLinear(MaskedLayer):

@@ -73,6 +73,45 @@ def test_imb_loss_terms_signs_and_weights():
     assert zero_kl["kl"] == 0
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0, 10.0])
+@pytest.mark.parametrize("partition", [[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], [[0, 3, 7], [1, 2], [4, 5, 6, 8, 9]]])
+def test_union_of_exactly_distilled_factors_predicts_like_the_teacher(temperature, partition):
+    """Property: factors equal to their exact tempered targets (the teacher's tempered softmax over [own classes,
+    other]) assemble into a union classifier whose argmax is the teacher's, on every random logit vector."""
+    from kbricks.data import class_partition
+    from kbricks.models.factorized import combined_class_scores
+
+    g = torch.Generator().manual_seed(int(temperature * 10) + len(partition))
+    teacher = 3.0 * torch.randn(4000, 10, generator=g)  # spread logits: confident and unsure rows alike
+    tasks = class_partition(partition, 10)
+    factors = [merge_other(teacher, t.classes, temperature) for t in tasks]
+    union = combined_class_scores(factors, tasks, 10, [temperature] * len(tasks))
+    assert torch.equal(union.argmax(1), teacher.argmax(1))
+    # the union is the teacher's own tempered log-softmax
+    assert torch.allclose(union, F.log_softmax(teacher / temperature, 1), atol=1e-4)
+    if temperature != 1.0:  # reading the same factors at T = 1 (the old bug) disagrees with the teacher somewhere
+        wrong = combined_class_scores(factors, tasks, 10, [1.0] * len(tasks))
+        assert (wrong.argmax(1) != teacher.argmax(1)).any()
+
+
+def test_task_only_head_term():
+    """The task-only head on z_t gets T^2 KD to the same tempered target plus CE, summed over tasks, times task_weight."""
+    g = torch.Generator().manual_seed(1)
+    f = [torch.randn(6, 3, generator=g), torch.randn(6, 4, generator=g)]
+    t = [torch.randn(6, 3, generator=g), torch.randn(6, 4, generator=g)]
+    a = [torch.randn(6, 3, generator=g), torch.randn(6, 4, generator=g)]
+    y = [torch.randint(0, 3, (6,), generator=g), torch.randint(0, 4, (6,), generator=g)]
+    mu = lv = [torch.zeros(6, 2)] * 2
+    base = imb_loss(f, t, y, mu, lv, None, temperature=2.0, task_only_logits=None)
+    out = imb_loss(f, t, y, mu, lv, None, temperature=2.0, task_only_logits=a, task_weight=0.5)
+    expected = sum(kd_loss(ai, ti, 2.0) + F.cross_entropy(ai, yi) for ai, ti, yi in zip(a, t, y))
+    assert out["task_only"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert out["loss"].item() == pytest.approx(base["loss"].item() + 0.5 * expected.item(), rel=1e-6)
+    no_labels = imb_loss(f, t, [None, None], mu, lv, None, temperature=2.0, task_only_logits=a)
+    assert no_labels["task_only"].item() == pytest.approx(sum(kd_loss(ai, ti, 2.0) for ai, ti in zip(a, t)).item(), rel=1e-6)
+    assert imb_loss(f, t, y, mu, lv, None, task_only_logits=a, task_weight=0.0)["task_only"] == 0
+
+
 # ---- end to end on tiny digits ------------------------------------------------------------------------------
 
 TINY = {"data": {"name": "digits", "train_subset": 512}, "optim": {"name": "adam", "lr": 0.01, "weight_decay": 0.0},
@@ -137,9 +176,11 @@ def test_assembled_outputs_equal_per_brick_outputs(kf_run, teacher_dir):
         for a, b, c in zip(trained, per_brick, net.factor_outputs(x)):
             assert torch.equal(a, b) and torch.equal(b, c)
         scores = net(x)
-        # the union classifier is each factor's log-probabilities in class order
-        assert torch.allclose(scores[:, :5], F.log_softmax(per_brick[0], 1)[:, :5])
-        assert torch.allclose(scores[:, 5:], F.log_softmax(per_brick[1], 1)[:, :5])
+        # the union classifier is each factor's log-probabilities at its distillation temperature, in class order
+        t = net.temperatures[0]
+        assert t == 4.0 and net.temperatures == [t, t]
+        assert torch.allclose(scores[:, :5], F.log_softmax(per_brick[0] / t, 1)[:, :5])
+        assert torch.allclose(scores[:, 5:], F.log_softmax(per_brick[1] / t, 1)[:, :5])
         assert torch.equal(scores, exp.method.predict(x))
     # a single brick gives a classifier over its own classes only
     solo = assemble(d / "bricks/ckn.json", [d / "bricks/tsn-classes_5-6-7-8-9.json"])
@@ -172,6 +213,15 @@ def test_manifest_round_trip_and_tamper_detection(kf_run, tmp_path):
     (bad / "x.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(CheckpointError, match="not a kbricks brick manifest"):
         load_brick(bad / "x.json")
+    # edited behaviour-deciding metadata (swapped classes, another temperature) is refused like edited weights
+    for field, value in (("task", dict(m["task"], classes=[6, 5, 7, 8, 9])), ("temperature", 1.0), ("normalize", {"mean": None, "std": None})):
+        shutil.copy(d / "bricks/tsn-classes_5-6-7-8-9.safetensors", bad / "tsn-classes_5-6-7-8-9.safetensors")
+        (bad / "tsn-classes_5-6-7-8-9.json").write_text(json.dumps(dict(m, **{field: value})))
+        with pytest.raises(CheckpointError, match="signed fields .* were modified"):
+            load_brick(bad / "tsn-classes_5-6-7-8-9.json")
+    (bad / "tsn-classes_5-6-7-8-9.json").write_text(json.dumps({k: v for k, v in m.items() if k != "ckn_fingerprint"}))
+    with pytest.raises(CheckpointError, match=r"lacks \['ckn_fingerprint'\]"):
+        load_brick(bad / "tsn-classes_5-6-7-8-9.json")
     out = save_assembled(assemble(d / "bricks/ckn.json", [d / "bricks/tsn-classes_0-1-2-3-4.json"]), tmp_path / "asm")
     asm = json.loads(out.read_text())
     assert asm["ckn"] == ckn["fingerprint"] and asm["classes"] == [0, 1, 2, 3, 4]
@@ -187,9 +237,12 @@ def test_mismatched_bricks_are_refused(kf_run, teacher_dir, tmp_path):
         assemble(d / "bricks/ckn.json", [d / "bricks/tsn-classes_0-1-2-3-4.json"] * 2)
     with pytest.raises(BrickMismatchError, match="not a CKN"):
         assemble(d / "bricks/tsn-classes_0-1-2-3-4.json", [d / "bricks/tsn-classes_0-1-2-3-4.json"])
-    # a TSN whose manifest declares another CKN architecture
+    # a (properly signed) TSN whose manifest declares another CKN architecture
+    from kbricks.methods.kf.bricks import signature
+
     m = json.loads((d / "bricks/tsn-classes_0-1-2-3-4.json").read_text())
     m["ckn_architecture"] = dict(m["ckn_architecture"], name="resnet20")
+    m["fingerprint"] = signature(m["weights_fingerprint"], m)
     import shutil
 
     shutil.copy(d / "bricks/tsn-classes_0-1-2-3-4.safetensors", tmp_path / "tsn-classes_0-1-2-3-4.safetensors")

@@ -61,29 +61,41 @@ class FactorNetworks(nn.Module):
         self.ckn = ckn
         self.tsns = nn.ModuleList(tsns)
 
+    def tsn_outputs(self, x: torch.Tensor, z_c: torch.Tensor, sample: bool) -> Tuple[List[torch.Tensor], ...]:
+        """Every TSN on the same batch: (factor logits, mu, logvar, task-only logits), one list entry per task."""
+        outs = [tsn.forward_train(x, z_c, sample) for tsn in self.tsns]
+        return tuple(list(col) for col in zip(*outs))
+
     def forward(self, x: torch.Tensor, sample: bool = False) -> List[torch.Tensor]:
         z_c = self.ckn.features(x)  # computed once for all factors
-        return [tsn(x, z_c, sample)[0] for tsn in self.tsns]
+        return self.tsn_outputs(x, z_c, sample)[0]
 
 
-def combined_class_scores(factor_logits: Sequence[torch.Tensor], tasks: Sequence[Task], num_classes: int) -> torch.Tensor:
-    """Union classifier from class-task factors: each factor's log-probabilities for its own classes, placed in the
-    teacher's class order; classes no chosen factor covers get -inf."""
+def combined_class_scores(factor_logits: Sequence[torch.Tensor], tasks: Sequence[Task], num_classes: int,
+                          temperatures: Sequence[float]) -> torch.Tensor:
+    """Union classifier from class-task factors: each factor's log-probabilities for its own classes at the
+    temperature it was distilled at, placed in the teacher's class order; classes no chosen factor covers get -inf.
+
+    A factor distilled at T towards the teacher's tempered softmax merged into [its classes, other] satisfies
+    log_softmax(logits / T)[c] = z_c / T - logsumexp(z / T) for its classes c, the same offset in every factor, so
+    the union's argmax is the teacher's. At T = 1 the offsets differ between factors and the argmax can flip."""
     ref = factor_logits[0]
     scores = torch.full((ref.shape[0], num_classes), float("-inf"), device=ref.device, dtype=ref.dtype)
-    for logits, task in zip(factor_logits, tasks):
-        scores[:, list(task.classes)] = F.log_softmax(logits, dim=1)[:, : task.num_classes]
+    for logits, task, t in zip(factor_logits, tasks, temperatures):
+        scores[:, list(task.classes)] = F.log_softmax(logits / t, dim=1)[:, : task.num_classes]
     return scores
 
 
 class AssembledNetwork(nn.Module):
-    """CKN computed once, then each chosen TSN. Class tasks -> one classifier over the union of their classes;
-    latent tasks -> a list with one output per task."""
+    """CKN computed once, then each chosen TSN. Class tasks -> one classifier over the union of their classes
+    (log-probabilities at each factor's distillation temperature); latent tasks -> a list with one output per task."""
 
-    def __init__(self, factors: FactorNetworks, tasks: Sequence[Task], num_classes: int, manifests: Sequence[Dict[str, Any]]):
+    def __init__(self, factors: FactorNetworks, tasks: Sequence[Task], num_classes: int, manifests: Sequence[Dict[str, Any]],
+                 temperatures: Sequence[float]):
         super().__init__()
         self.factors, self.tasks, self.num_classes = factors, list(tasks), num_classes
         self.manifests = list(manifests)
+        self.temperatures = list(temperatures)
 
     @property
     def is_class_union(self) -> bool:
@@ -98,4 +110,4 @@ class AssembledNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor):
         outs = self.factors(x)
-        return combined_class_scores(outs, self.tasks, self.num_classes) if self.is_class_union else outs
+        return combined_class_scores(outs, self.tasks, self.num_classes, self.temperatures) if self.is_class_union else outs

@@ -172,10 +172,7 @@ class KnowledgeFactorization(Method):
         use_views = p.infomax_weight > 0
         z_all = self.factors.ckn.features(torch.cat([x, self.second_view(batch)]) if use_views else x)
         z_c = z_all[:n]
-        logits, mus, logvars, task_only = [], [], [], []
-        for tsn in self.factors.tsns:
-            lg, mu, lv, aux = tsn.forward_train(x, z_c, sample=True)
-            logits.append(lg), mus.append(mu), logvars.append(lv), task_only.append(aux)
+        logits, mus, logvars, task_only = self.factors.tsn_outputs(x, z_c, sample=True)
         views = (self.projector(z_c), self.projector(z_all[n:])) if use_views else None
         return imb_loss(
             logits, self.teacher_targets(x), self.task_labels(batch), mus, logvars, views,
@@ -186,7 +183,7 @@ class KnowledgeFactorization(Method):
     def predict(self, x: torch.Tensor):
         logits = self.factors(x)
         if all(t.classes is not None for t in self.tasks):
-            return combined_class_scores(logits, self.tasks, self.num_classes)
+            return combined_class_scores(logits, self.tasks, self.num_classes, [self.params.temperature] * len(self.tasks))
         return logits
 
     def export_module(self) -> nn.Module:
@@ -224,4 +221,5 @@ class ExportBricks(Hook):
             "run_dir": str(run_dir),
         }
         metrics = {k.split("/", 1)[1]: v for k, v in card["metrics"]["final"].items()}
-        export_bricks(m.factors, m.tasks, run_dir / "bricks", ckn_arch, tsn_arch, m.num_classes, card["classes"], card["normalize"], provenance, metrics)
+        export_bricks(m.factors, m.tasks, run_dir / "bricks", ckn_arch, tsn_arch, m.num_classes, card["classes"], card["normalize"],
+                      provenance, metrics, temperature=p.temperature)

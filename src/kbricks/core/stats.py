@@ -17,6 +17,10 @@ def mean_std(values: Sequence[float]) -> Dict[str, float]:
     return {"mean": mean, "std": std, "sem": std / math.sqrt(n), "n": n}
 
 
+def mean_of(values: Sequence[float]) -> float:
+    return mean_std(values)["mean"]
+
+
 def summarize_runs(rows: Sequence[Mapping[str, object]]) -> Dict[str, Dict[str, float]]:
     """``mean_std`` of every numeric (non-bool) entry of the first row, over the rows that have it."""
     keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]

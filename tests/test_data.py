@@ -141,7 +141,7 @@ def test_flip_and_normalize():
 
 
 def test_arraydataset_shape_checks():
-    with pytest.raises(DataError, match=r"\[N, C, H, W\]"):
-        ArrayDataset(torch.rand(3, 4), torch.zeros(3), ["a"])
+    with pytest.raises(DataError, match=r"\[N, C, H, W\] or feature vectors \[N, D\]"):
+        ArrayDataset(torch.rand(3, 4, 5), torch.zeros(3), ["a"])  # [N, H, W] needs its channel axis
     with pytest.raises(DataError, match="labels must have shape"):
         ArrayDataset(torch.rand(3, 1, 2, 2), torch.zeros(4), ["a"])

@@ -102,3 +102,40 @@ def import_user_modules(modules: Iterable[str]) -> None:
             importlib.import_module(name)
         except Exception as exc:
             raise ConfigError(f"--import {name}: {type(exc).__name__}: {exc}") from None
+
+
+class ObjectStore:
+    """Python objects handed to the API (networks, datasets) under a string key, so that a run config can name them
+    like any other network or dataset: ``memory:teacher-1``. The key lives as long as this Python process; a config
+    naming it cannot be replayed in another process (the error says so)."""
+
+    PREFIX = "memory:"
+
+    def __init__(self) -> None:
+        self._objects: Dict[str, Any] = {}
+        self._count = 0
+
+    def put(self, obj: Any, kind: str) -> str:
+        for key, held in self._objects.items():
+            if held is obj:
+                return key
+        self._count += 1
+        key = f"{self.PREFIX}{kind}-{self._count}"
+        self._objects[key] = obj
+        return key
+
+    @classmethod
+    def is_key(cls, text: Any) -> bool:
+        return isinstance(text, str) and text.startswith(cls.PREFIX)
+
+    def get(self, key: str, what: str) -> Any:
+        if key not in self._objects:
+            raise ConfigError(f"{what}: {key!r} names an object passed to the Python API of another session; it only "
+                              "exists in the process that created it (give a file or an import path instead)")
+        return self._objects[key]
+
+    def release(self, key: str) -> None:
+        self._objects.pop(key, None)
+
+
+OBJECTS = ObjectStore()

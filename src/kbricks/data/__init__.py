@@ -1,9 +1,10 @@
 """Datasets (embedded, procedural, on-disk), tasks, continual scenarios and per-batch augmentations.
 Nothing is downloaded."""
 
-from . import dsprites, embedded, formats, scenarios  # noqa: F401  (registers datasets and scenarios)
+from . import dsprites, embedded, formats, inmemory, scenarios  # noqa: F401  (registers datasets and scenarios)
 from .augment import BatchAugment, channel_stats, normalize, random_crop, random_hflip
-from .base import ArrayDataset, DataSplits, stratified_split
+from .base import ArrayDataset, DataSplits, image_size_of, input_shape_of, stratified_split
+from .inmemory import python_splits
 from .registry import DATASETS, SCENARIOS
 from .scenarios import TaskData, build_scenario
 from .tasks import Task, build_tasks, class_partition, latent_tasks, split_classes
@@ -25,5 +26,6 @@ def list_scenarios(pattern: str = "*"):
 __all__ = [
     "ArrayDataset", "DataSplits", "Task", "TaskData", "BatchAugment", "DATASETS", "SCENARIOS", "build_scenario",
     "build_tasks", "class_partition", "latent_tasks", "split_classes", "load_dataset", "list_datasets",
-    "list_scenarios", "channel_stats", "normalize", "random_crop", "random_hflip", "stratified_split",
+    "list_scenarios", "channel_stats", "normalize", "random_crop", "random_hflip", "stratified_split", "python_splits",
+    "image_size_of", "input_shape_of",
 ]

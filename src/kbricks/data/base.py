@@ -1,13 +1,14 @@
 """In-memory tensor datasets and seeded splits.
 
-Small datasets live as one float tensor in [0, 1] with shape [N, C, H, W]; batches are index slices,
-so there is no DataLoader worker overhead on small CPUs and no hidden copies.
+Small datasets live as one float tensor: images [N, C, H, W] (any H and W) or feature vectors [N, D]; batches are
+index slices, so there is no DataLoader worker overhead on small CPUs and no hidden copies. Loaders put images in
+[0, 1]; they never rescale anything silently (a value range they cannot read is an error that asks for a scale).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -17,7 +18,11 @@ from ..errors import DataError
 
 @dataclass
 class ArrayDataset:
-    """Images ``x`` [N, C, H, W] float32 in [0, 1], labels ``y`` [N] int64, optional ``latents`` [N, K]."""
+    """Inputs ``x``: images [N, C, H, W] (float32, [0, 1] from the built-in loaders) or feature vectors [N, D];
+    labels ``y`` [N] int64; optional ``latents`` [N, K].
+
+    Models are built from the data's shape: ``in_channels`` (C, or D for feature vectors) and ``image_size`` (H for
+    square images, ``(H, W)`` otherwise, ``None`` for feature vectors)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -27,8 +32,9 @@ class ArrayDataset:
     latent_sizes: List[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.x.dim() != 4:
-            raise DataError(f"images must have shape [N, C, H, W], got {tuple(self.x.shape)}")
+        if self.x.dim() not in (2, 4):
+            raise DataError(f"inputs must be images [N, C, H, W] or feature vectors [N, D], got shape {tuple(self.x.shape)} "
+                            "(add a channel axis to [N, H, W] images; flatten other inputs)")
         if self.y.dim() != 1 or self.y.shape[0] != self.x.shape[0]:
             raise DataError(
                 f"labels must have shape [N] with N={self.x.shape[0]}, got {tuple(self.y.shape)}"
@@ -49,12 +55,18 @@ class ArrayDataset:
         return len(self.classes)
 
     @property
+    def input_shape(self) -> Tuple[int, ...]:
+        """One sample's shape: (C, H, W) or (D,)."""
+        return tuple(int(s) for s in self.x.shape[1:])
+
+    @property
     def in_channels(self) -> int:
         return int(self.x.shape[1])
 
     @property
-    def image_size(self) -> int:
-        return int(self.x.shape[-1])
+    def image_size(self) -> Union[int, Tuple[int, int], None]:
+        """H for square images, (H, W) for others, None for feature vectors."""
+        return image_size_of(self.input_shape)
 
     def subset(self, index: torch.Tensor) -> "ArrayDataset":
         return ArrayDataset(
@@ -116,18 +128,58 @@ def splits_from_arrays(
     )
 
 
-def to_float_images(arr: np.ndarray, layout: str = "NCHW") -> np.ndarray:
-    """uint8 (or float) images -> float32 [N, C, H, W] in [0, 1]; accepts NHW, NHWC or NCHW."""
+def image_size_of(input_shape: Sequence[int]) -> Union[int, Tuple[int, int], None]:
+    """A model's ``image_size`` argument for one sample's shape: H (square), (H, W), or None (feature vector)."""
+    if len(input_shape) == 1:
+        return None
+    h, w = int(input_shape[-2]), int(input_shape[-1])
+    return h if h == w else (h, w)
+
+
+def input_shape_of(in_channels: int, image_size: Union[int, Sequence[int], None]) -> Tuple[int, ...]:
+    """The inverse of (``in_channels``, ``image_size``): (C, H, W), or (D,) when ``image_size`` is None."""
+    if image_size is None:
+        return (int(in_channels),)
+    if isinstance(image_size, int):
+        return (int(in_channels), image_size, image_size)
+    h, w = image_size
+    return (int(in_channels), int(h), int(w))
+
+
+def scaled(a: np.ndarray, scale: Optional[float], what: str) -> np.ndarray:
+    """float32 values: uint8 divided by 255, anything divided by ``scale`` when given; otherwise values must already
+    lie in [0, 1], and anything else is an error that names the range found (never a silent guess)."""
+    if scale is not None:
+        if not scale > 0:
+            raise DataError(f"{what}: scale must be a positive number (values are divided by it), got {scale}")
+        return a.astype(np.float32) / np.float32(scale)
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if a.dtype == np.bool_:
+        return a.astype(np.float32)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if lo < 0.0 or hi > 1.0 or not np.isfinite([lo, hi]).all():
+        raise DataError(f"{what}: {a.dtype} values span [{lo:g}, {hi:g}], outside [0, 1]; say how to read them with "
+                        f"scale (values are divided by it, e.g. scale={hi:g} for a 0..{hi:g} scale, or scale=1 to keep them as they are)")
+    return a.astype(np.float32)
+
+
+def to_float_images(arr: np.ndarray, layout: str = "NCHW", scale: Optional[float] = None, what: str = "images") -> np.ndarray:
+    """Images -> float32 [N, C, H, W]; accepts NHW, NHWC or NCHW. uint8 is divided by 255, other types by ``scale``
+    (required unless the values already lie in [0, 1])."""
     a = np.asarray(arr)
     if a.ndim == 3:
         a = a[:, None]
     elif a.ndim == 4 and layout == "NHWC":
         a = a.transpose(0, 3, 1, 2)
     elif a.ndim != 4:
-        raise DataError(f"expected images with 3 or 4 dims, got shape {a.shape}")
-    if a.dtype == np.uint8:
-        return a.astype(np.float32) / 255.0
-    a = a.astype(np.float32)
-    if a.size and a.max() > 1.0:
-        a = a / 255.0
-    return a
+        raise DataError(f"{what}: expected images with 3 or 4 dims, got shape {a.shape}")
+    return scaled(a, scale, what)
+
+
+def to_float_inputs(arr: np.ndarray, layout: str = "NCHW", scale: Optional[float] = None, what: str = "inputs") -> np.ndarray:
+    """Like :func:`to_float_images`, and feature vectors [N, D] stay [N, D]."""
+    a = np.asarray(arr)
+    if a.ndim == 2:
+        return scaled(a, scale, what)
+    return to_float_images(a, layout, scale, what)

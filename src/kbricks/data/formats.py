@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .base import ArrayDataset, DataSplits, splits_from_arrays, to_float_images
+from .base import ArrayDataset, DataSplits, splits_from_arrays, to_float_images, to_float_inputs
 from .registry import DATASETS
 
 # (module, name) pairs that a CIFAR batch legitimately references. Everything else is refused.
@@ -201,9 +201,20 @@ def _guess_layout(a: np.ndarray) -> str:
     return "NHWC" if a.ndim == 4 and a.shape[-1] in (1, 3) and a.shape[1] not in (1, 3) else "NCHW"
 
 
+NPZ_KEYS = (("x_train", "y_train", "x_test", "y_test"), ("X_train", "y_train", "X_test", "y_test"), ("x", "y"), ("X", "y"))
+
+
 @DATASETS.register("npz")
-def npz(root: Optional[str] = None, test_fraction: float = 0.2, split_seed: int = 0) -> DataSplits:
-    """A ``.npz`` with ``x_train, y_train, x_test, y_test`` (keras convention) or ``x, y``."""
+def npz(root: Optional[str] = None, test_fraction: float = 0.2, split_seed: int = 0, scale: Optional[float] = None,
+        layout: str = "auto") -> DataSplits:
+    """A ``.npz`` with ``x_train, y_train, x_test, y_test`` (keras convention; ``X_...`` too) or ``x, y`` / ``X, y``.
+
+    Inputs are images ([N, H, W], [N, C, H, W] or [N, H, W, C]) or feature vectors [N, D]. uint8 values are divided
+    by 255; other values must lie in [0, 1] unless ``scale`` is given (they are divided by it; ``scale: 1`` keeps
+    them as they are). ``layout`` is ``auto`` (channels-last when the last axis has 1 or 3 entries and the second
+    does not), ``NCHW`` or ``NHWC``."""
+    if layout not in ("auto", "NCHW", "NHWC"):
+        raise DataError(f"npz: layout must be auto, NCHW or NHWC, got {layout!r}")
     path = _existing_dir(root, "npz")
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -214,21 +225,32 @@ def npz(root: Optional[str] = None, test_fraction: float = 0.2, split_seed: int 
     def classes_for(*ys: np.ndarray) -> List[str]:
         return [str(i) for i in range(int(max(int(y.max()) for y in ys)) + 1)]
 
-    if {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys():
-        xtr, xte = arrays["x_train"], arrays["x_test"]
-        ytr, yte = arrays["y_train"].astype(np.int64), arrays["y_test"].astype(np.int64)
+    def inputs(key: str) -> np.ndarray:
+        a = arrays[key]
+        return to_float_inputs(a, _guess_layout(a) if layout == "auto" else layout, scale, f"npz {path.name}: {key}")
+
+    def labels(key: str) -> np.ndarray:
+        y = arrays[key]
+        if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or (y.size and np.all(np.mod(y, 1) == 0))) or (y.size and y.min() < 0):
+            raise DataError(f"npz {path.name}: {key} must hold one non-negative integer class id per sample, got {y.dtype} of shape {y.shape}")
+        return y.astype(np.int64)
+
+    keys = next((k for k in NPZ_KEYS if set(k) <= arrays.keys()), None)
+    if keys is None:
+        raise DataError(f"npz: {path} needs keys x_train/y_train/x_test/y_test or x/y (X for x is accepted); found {sorted(arrays)}")
+    if len(keys) == 4:
+        xtr, xte = inputs(keys[0]), inputs(keys[2])
+        ytr, yte = labels(keys[1]), labels(keys[3])
         classes = classes_for(ytr, yte)
         return DataSplits(
-            ArrayDataset(torch.from_numpy(to_float_images(xtr, _guess_layout(xtr))), torch.from_numpy(ytr), classes),
-            ArrayDataset(torch.from_numpy(to_float_images(xte, _guess_layout(xte))), torch.from_numpy(yte), classes),
+            ArrayDataset(torch.from_numpy(xtr), torch.from_numpy(ytr), classes),
+            ArrayDataset(torch.from_numpy(xte), torch.from_numpy(yte), classes),
             name="npz",
         )
-    if {"x", "y"} <= arrays.keys():
-        x, y = arrays["x"], arrays["y"].astype(np.int64)
-        return splits_from_arrays(
-            "npz", to_float_images(x, _guess_layout(x)), y, classes_for(y), test_fraction, split_seed
-        )
-    raise DataError(f"npz: {path} needs keys x_train/y_train/x_test/y_test or x/y; found {sorted(arrays)}")
+    x, y = inputs(keys[0]), labels(keys[1])
+    if len(x) != len(y):
+        raise DataError(f"npz {path.name}: {keys[0]} has {len(x)} samples but {keys[1]} has {len(y)}")
+    return splits_from_arrays("npz", x, y, classes_for(y), test_fraction, split_seed)
 
 
 def read_idx(path: Path) -> np.ndarray:

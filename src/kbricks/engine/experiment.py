@@ -33,7 +33,8 @@ from ..data import (
 from ..errors import ConfigError
 from ..methods.base import METHODS, Method, MethodContext
 from ..models import MODELS
-from ..registry import check_kwargs
+from ..models.foreign import check_network_name
+from ..registry import OBJECTS, check_kwargs
 
 
 @dataclass
@@ -53,9 +54,24 @@ MODEL_SHAPE_ARGS = ("num_classes", "in_channels", "image_size")
 
 
 def build_config(data: dict, overrides: Sequence[str] = ()) -> RunConfig:
-    cfg = parse_config(data, overrides)
+    """A checked config from a dict. Python objects in it (an ``nn.Module`` teacher, a model class or factory, any
+    callable returning logits) are held in the process's object store and named by a ``memory:`` key."""
+    cfg = parse_config(hold_objects(data), overrides)
     validate(cfg)
     return cfg
+
+
+def hold_objects(value, key: str = ""):
+    """A copy of a config dict whose non-data values (modules, classes, functions) are replaced by store keys."""
+    if isinstance(value, dict):
+        return {k: hold_objects(v, k) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [hold_objects(v, key) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, torch.nn.Module) or callable(value):
+        return OBJECTS.put(value, key or "object")
+    return value
 
 
 def load_config(path, overrides: Sequence[str] = ()) -> RunConfig:
@@ -72,7 +88,10 @@ def validate(cfg: RunConfig) -> None:
     reserved = sorted(set(MODEL_SHAPE_ARGS) & set(cfg.model.kwargs))
     if reserved:
         raise ConfigError(f"model.kwargs must not set {reserved}: they are taken from the data")
-    check_kwargs(MODELS.get(cfg.model.name), {**{k: 1 for k in MODEL_SHAPE_ARGS}, **cfg.model.kwargs}, f"model {cfg.model.name!r} (model.kwargs)")
+    if cfg.model.name in MODELS:
+        check_kwargs(MODELS.get(cfg.model.name), {**{k: 1 for k in MODEL_SHAPE_ARGS}, **cfg.model.kwargs}, f"model {cfg.model.name!r} (model.kwargs)")
+    else:
+        check_network_name(cfg.model.name, cfg.model.kwargs, "model.name")
     method_params(cfg)
     continual = "continual" in METHODS.tags(cfg.method.name)
     if continual and d.scenario is None:
@@ -107,7 +126,7 @@ def build_transform(data: DataConfig, train: ArrayDataset) -> BatchAugment:
     mean = std = None
     if data.augment.normalize:
         mean, std = channel_stats(train.x)
-    return BatchAugment(data.augment.crop_padding, data.augment.hflip, mean, std)
+    return BatchAugment(data.augment.crop_padding, data.augment.hflip, mean, std, train.input_shape)
 
 
 def build_experiment(cfg: RunConfig, device: Optional[torch.device] = None) -> Experiment:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..errors import ConfigError
+from ..models.foreign import NetworkSpec
 from ..models.frozen import load_frozen, task_logits
 from .base import METHODS, Batch, Method, MethodContext, MethodParams
 from .supervised import build_network, cross_entropy_loss
@@ -30,15 +31,33 @@ def input_norm(ctx: MethodContext):
     return {"mean": tf.mean, "std": tf.std} if tf is not None and tf.mean is not None else None
 
 
+def example_inputs(ctx: MethodContext, n: int = 2) -> torch.Tensor:
+    """A few training inputs as the method sees them (normalised): a loaded network's dummy batch."""
+    x = ctx.train.x[:n]
+    tf = getattr(ctx, "transform", None)
+    return tf(x, train=False) if tf is not None else x
+
+
+def load_teacher(spec: NetworkSpec, ctx: MethodContext, where: str = "method.teacher"):
+    """The frozen teacher, fed the method's inputs, checked on one batch and against the data's label space."""
+    teacher = load_frozen(spec, input_norm(ctx), example_inputs(ctx), where)
+    check_teacher_outputs(teacher, ctx, f"{where} ({spec.describe()})")
+    return teacher
+
+
+TEACHER_HELP = ("the trained teacher: a kbricks run directory or model.json, a TorchScript file, or "
+                "{path: package.module:factory, kwargs, weights, normalize} (docs/byo.md)")
+
+
 def check_teacher_outputs(teacher, ctx: MethodContext, where: str) -> None:
     """KD needs the teacher to speak the student's label space (SSKT is the method for foreign label spaces)."""
     if teacher.task_names:
         missing = [t.name for t in ctx.tasks if t.name not in teacher.task_names]
         if missing:
             raise ConfigError(f"teacher {where} has no heads for tasks {missing}; its heads are {teacher.task_names}")
-    elif teacher.net.num_classes != ctx.train.num_classes:
+    elif teacher.num_outputs != ctx.train.num_classes:
         raise ConfigError(
-            f"teacher {where} predicts {teacher.net.num_classes} classes but the data has {ctx.train.num_classes}; "
+            f"teacher {where} predicts {teacher.num_outputs} classes but the data has {ctx.train.num_classes}; "
             "KD needs a shared label space (use method sskt for sources with other label spaces)"
         )
 
@@ -46,7 +65,7 @@ def check_teacher_outputs(teacher, ctx: MethodContext, where: str) -> None:
 @METHODS.register("kd", tags=("distillation",))
 class KnowledgeDistillation(Method):
     class Config(MethodParams):
-        teacher: str = Field(..., description="run directory (or model.json) of the trained teacher")
+        teacher: NetworkSpec = Field(..., description=TEACHER_HELP)
         temperature: float = Field(4.0, gt=0)
         alpha: float = Field(0.9, ge=0, le=1, description="weight of the KD term; 1 - alpha weighs the CE term")
 
@@ -54,9 +73,8 @@ class KnowledgeDistillation(Method):
         super().__init__()
         self.params = params
         self.tasks = ctx.tasks
-        self.teacher = load_frozen(params.teacher, input_norm(ctx))
+        self.teacher = load_teacher(params.teacher, ctx)
         self.net = build_network(ctx)
-        check_teacher_outputs(self.teacher, ctx, params.teacher)
 
     def training_step(self, batch: Batch) -> Dict[str, torch.Tensor]:
         p = self.params

@@ -20,9 +20,10 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.foreign import NetworkSpec
 from ..models.frozen import load_frozen
 from .base import METHODS, Batch, Method, MethodContext, MethodParams
-from .kd import input_norm
+from .kd import example_inputs, input_norm
 from .supervised import build_network
 
 
@@ -67,7 +68,8 @@ class TransferModule(nn.Module):
 @METHODS.register("sskt", tags=("distillation",))
 class SSKT(Method):
     class Config(MethodParams):
-        sources: List[str] = Field(..., min_length=1, description="run directories of trained source classifiers")
+        sources: List[NetworkSpec] = Field(..., min_length=1, description="trained source classifiers, any label space: kbricks runs, "
+                                           "TorchScript files or import paths, each with its input convention (docs/byo.md)")
         alpha: float = Field(0.1, ge=0)
         temperature: float = Field(3.0, gt=0)
         transfer_module: bool = Field(False, description="multi-stage heads (needs a model with stage_features, e.g. resnet*)")
@@ -76,12 +78,13 @@ class SSKT(Method):
         super().__init__()
         self.params = params
         self.net = build_network(ctx)
-        self.sources = nn.ModuleList(load_frozen(s, input_norm(ctx)) for s in params.sources)
+        example = example_inputs(ctx)
+        self.sources = nn.ModuleList(load_frozen(s, input_norm(ctx), example, f"method.sources[{i}]") for i, s in enumerate(params.sources))
         sizes = []
-        for path, src in zip(params.sources, self.sources):
-            if src.task_names:
-                raise ConfigError(f"source {path} is multi-head; SSKT sources must be single-head classifiers")
-            sizes.append(src.net.num_classes)
+        for spec, src in zip(params.sources, self.sources):
+            if src.task_names or not isinstance(src.num_outputs, int):
+                raise ConfigError(f"source {spec.describe()} is multi-head; SSKT sources must be single-head classifiers")
+            sizes.append(src.num_outputs)
         if params.transfer_module:
             if not hasattr(self.net, "stage_features"):
                 raise ConfigError(f"method.transfer_module needs a model with stage_features (resnet*), not {ctx.cfg.model.name!r}")

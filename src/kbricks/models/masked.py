@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import MODELS
+from .base import MODELS, input_numel
 
 # ---- top-k with a straight-through gradient ------------------------------------------------------------------
 
@@ -439,9 +439,9 @@ class ConvNetForMasks(nn.Module):
 
 
 @MODELS.register("masked_mlp", tags=("masked",))
-def masked_mlp(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, hidden: Sequence[int] = (300, 100)) -> nn.Module:
+def masked_mlp(num_classes: int = 10, in_channels: int = 1, image_size=28, hidden: Sequence[int] = (300, 100)) -> nn.Module:
     """Bias-free ReLU MLP, every layer masked by the continual strategies (LeNet-300-100 with the defaults)."""
-    sizes = [in_channels * image_size * image_size, *hidden, num_classes]
+    sizes = [input_numel(in_channels, image_size), *hidden, num_classes]
     layers: List[nn.Module] = [nn.Flatten()]
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b, bias=False))

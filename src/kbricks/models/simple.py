@@ -1,4 +1,4 @@
-"""MLP and a small CNN sized for 8x8 digits up to 64x64 dSprites."""
+"""MLP (images or feature vectors) and a small CNN sized for 8x8 digits up to 64x64 dSprites (any aspect ratio)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .base import MODELS, Classifier
+from ..errors import ConfigError
+from .base import MODELS, Classifier, ImageSize, input_numel, spatial_size
 
 
 class MLP(Classifier):
@@ -26,8 +27,8 @@ class MLP(Classifier):
 
 
 @MODELS.register("mlp")
-def mlp(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, hidden: Sequence[int] = (256, 256), dropout: float = 0.0):
-    return MLP(in_channels * image_size * image_size, num_classes, tuple(hidden), dropout)
+def mlp(num_classes: int = 10, in_channels: int = 1, image_size: ImageSize = 28, hidden: Sequence[int] = (256, 256), dropout: float = 0.0):
+    return MLP(input_numel(in_channels, image_size), num_classes, tuple(hidden), dropout)
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -39,9 +40,9 @@ def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 class SmallCNN(Classifier):
     """Blocks of two 3x3 convs; 2x2 max-pool between blocks while the map is >= 8 pixels; global average pool."""
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, widths: Sequence[int] = (32, 64, 128)):
+    def __init__(self, in_channels: int, num_classes: int, image_size: ImageSize, widths: Sequence[int] = (32, 64, 128)):
         super().__init__(widths[-1], num_classes)
-        layers, cin, size = [], in_channels, image_size
+        layers, cin, size = [], in_channels, min(spatial_size(image_size))
         for i, w in enumerate(widths):
             layers += [conv_bn_relu(cin, w), conv_bn_relu(w, w)]
             if i < len(widths) - 1 and size >= 8:
@@ -55,5 +56,7 @@ class SmallCNN(Classifier):
 
 
 @MODELS.register("small_cnn")
-def small_cnn(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, widths: Sequence[int] = (32, 64, 128)):
+def small_cnn(num_classes: int = 10, in_channels: int = 1, image_size: ImageSize = 28, widths: Sequence[int] = (32, 64, 128)):
+    if image_size is None:
+        raise ConfigError("small_cnn needs images [N, C, H, W]; the data are feature vectors (use an MLP such as mlp)")
     return SmallCNN(in_channels, num_classes, image_size, tuple(widths))

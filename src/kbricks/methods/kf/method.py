@@ -30,9 +30,10 @@ from ...core.hooks import Hook
 from ...errors import ConfigError
 from ...models import create_model
 from ...models.factorized import FactorNetworks, TaskSpecificNetwork, combined_class_scores, task_output_size
-from ...models.frozen import load_frozen, task_logits
+from ...models.foreign import NetworkSpec
+from ...models.frozen import task_logits
 from ..base import METHODS, Batch, Method, MethodContext, MethodParams
-from ..kd import input_norm, kd_loss
+from ..kd import TEACHER_HELP, kd_loss, load_teacher
 
 # ---- pure loss functions -------------------------------------------------------------------------------------
 
@@ -106,7 +107,7 @@ def imb_loss(
 @METHODS.register("kf", tags=("factorization",))
 class KnowledgeFactorization(Method):
     class Config(MethodParams):
-        teacher: str = Field(..., description="run directory (or model.json) of the trained teacher")
+        teacher: NetworkSpec = Field(..., description=TEACHER_HELP)
         tsn: ModelConfig = Field(default_factory=lambda: ModelConfig(name="small_cnn", kwargs={"widths": [16, 32]}))
         tsn_dim: int = Field(8, ge=1, description="size of each task-specific representation z_t")
         combine: Literal["concat", "sum"] = Field("concat", description="sum needs tsn_dim == CKN feature size (official code)")
@@ -125,7 +126,7 @@ class KnowledgeFactorization(Method):
         self.params, self.tasks, self.transform, self.cfg = params, ctx.tasks, ctx.transform, ctx.cfg
         self.shape = {"in_channels": ctx.train.in_channels, "image_size": ctx.train.image_size}
         self.num_classes = ctx.train.num_classes
-        self.teacher = load_frozen(params.teacher, input_norm(ctx))
+        self.teacher = load_teacher(params.teacher, ctx)
         shape = dict(in_channels=ctx.train.in_channels, image_size=ctx.train.image_size)
         ckn = create_model(ctx.cfg.model.name, num_classes=0, **shape, **ctx.cfg.model.kwargs)
         if params.combine == "sum" and params.tsn_dim != ckn.feature_dim:
@@ -214,7 +215,7 @@ class ExportBricks(Hook):
         tsn_arch = {"name": p.tsn.name, "kwargs": p.tsn.kwargs, "dim": p.tsn_dim, "combine": p.combine}
         provenance = {
             "method": "kf",
-            "teacher": p.teacher,
+            "teacher": p.teacher.to_json(),
             "teacher_fingerprint": getattr(m.teacher, "card", {}).get("fingerprint"),
             "data": cfg.data.model_dump(mode="json"),
             "seed": cfg.seed,

@@ -18,7 +18,7 @@ LAYERS = {
     "continual": 6,
     "engine": 7,
     "studies": 8,
-    "cli": 9, "__init__": 9, "__main__": 10,
+    "cli": 9, "api": 9, "__init__": 10, "__main__": 11,
 }
 
 

@@ -1,6 +1,13 @@
 """kbricks: modular knowledge transfer between neural networks (KF, SupSup/ImpressLearn, SSKT and baselines).
 
-The public API, in a few names (see docs/api.md)::
+The public API, in a few names (see docs/api.md). Your own networks and data, straight from Python::
+
+    fac = kbricks.factorize(my_teacher, (x, y), test=(x_test, y_test), tasks=2)   # -> run dir, bricks, networks
+    net = fac.assemble()                                                          # bricks -> one network
+    run = kbricks.distill((x, y), method="kd", teacher=my_teacher, student=MyStudent)
+    cl = kbricks.learn_continually(MyBackbone, (x, y), scenario="split", num_tasks=5)
+
+Config files (teachers, sources and models may be kbricks runs, TorchScript files or import paths; docs/byo.md)::
 
     cfg = kbricks.load_config("configs/kf/digits.yaml", ["seed=1"])   # or kbricks.build_config({...})
     summary = kbricks.train(cfg, run_dir="runs/kf-digits")           # any method; continual configs too
@@ -9,13 +16,17 @@ The public API, in a few names (see docs/api.md)::
 """
 
 from ._version import __version__
+from .api import ContinualRun, Factorization, Run, accuracy, distill, factorize, learn_continually
 from .engine.evaluate import evaluate_run as evaluate
 from .engine.experiment import build_config, load_config
 from .engine.trainer import run_training as train
 from .errors import CheckpointError, ConfigError, DataError, KbricksError, TrainingDiverged
 from .methods.kf.bricks import assemble, load_brick, save_assembled
+from .models.foreign import NetworkSpec
+from .models.masked import supermask
 
 __all__ = [
     "__version__", "assemble", "build_config", "evaluate", "load_brick", "load_config", "save_assembled", "train",
+    "factorize", "distill", "learn_continually", "accuracy", "supermask", "NetworkSpec", "Run", "Factorization", "ContinualRun",
     "CheckpointError", "ConfigError", "DataError", "KbricksError", "TrainingDiverged",
 ]

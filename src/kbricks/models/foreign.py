@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 from torch import nn
 
 from ..core.checkpoint import fingerprint, load_safetensors, load_state_into
@@ -114,7 +115,7 @@ class NetworkSpec(_Strict):
     def _convention_stated(self) -> "NetworkSpec":
         problem = self.problem()
         if problem:
-            raise ValueError(problem)
+            raise PydanticCustomError("network_spec", problem)
         return self
 
     def problem(self) -> Optional[str]:

@@ -1,0 +1,332 @@
+"""The Python API for networks and data you already have in Python (docs/api.md).
+
+Each call builds an ordinary run config whose networks and data are your objects (held in the process's object
+store under ``memory:`` keys, so they go through exactly the code path of a network or dataset named in YAML),
+trains it with the engine, and returns a :class:`Run` you can keep: its run directory (config, metrics, model
+files), the trained network, and for factorization the bricks.
+
+    fac = kbricks.factorize(my_teacher, (x_train, y_train), test=(x_test, y_test), tasks=2)
+    net = fac.assemble()                       # bricks -> one network, no fine-tuning
+    kd = kbricks.distill((x, y), teacher=my_teacher, student=MyStudent)
+    cl = kbricks.learn_continually(MyBackbone, (x, y), scenario="split", num_tasks=5)
+
+Data are ``(x, y)`` tensors or numpy arrays, any map-style ``torch.utils.data.Dataset``, a ``DataSplits``, or the
+name of a registered dataset; values are used as given (never rescaled). Networks are ``nn.Module`` objects,
+classes or factories (called with the data's shape arguments they name), any callable returning logits, or
+anything a config accepts (a registered name, a kbricks run, a TorchScript file, an import path). A teacher or
+source object takes the data exactly as you pass them, unless you state another convention (``teacher_normalize``
+or a spec dict with ``normalize`` / ``input``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .core.hooks import Hook
+from .data import DataSplits, load_dataset, python_splits
+from .engine.experiment import build_config
+from .engine.trainer import run_training
+from .errors import ConfigError
+from .methods.kf.bricks import assemble
+from .models.foreign import NetworkSpec
+from .registry import OBJECTS
+
+Data = Any  # (x, y) | Dataset | DataSplits | dataset name | data config dict
+Network = Any  # nn.Module | class / factory | callable | spec string | spec dict
+
+
+# ---- what a call returns ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """A finished run: where it lives, what it scored, and the trained network (``model``: the student, KF's factor
+    networks, or the continual strategy)."""
+
+    run_dir: Path
+    summary: Dict[str, Any]
+    model: nn.Module
+    method: nn.Module = field(repr=False)
+    transform: Any = field(repr=False)
+    device: torch.device = field(repr=False, default=torch.device("cpu"))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs as the run's networks take them (the run's input normalisation, no augmentation)."""
+        return self.transform(torch.as_tensor(x).float().to(self.device), train=False)
+
+    @torch.no_grad()
+    def predict(self, x: Any, batch_size: int = 512) -> torch.Tensor:
+        """Logits (or scores) of the trained method on raw inputs ``x`` (as you passed the data)."""
+        self.method.eval()
+        x = torch.as_tensor(x).float()
+        return torch.cat([_single(self.method.predict(self.normalize(x[i:i + batch_size]))).cpu() for i in range(0, len(x), batch_size)])
+
+    def accuracy(self, x: Any, y: Any) -> float:
+        return accuracy(self.predict, x, y)
+
+
+@dataclass
+class Factorization(Run):
+    """A KF run: ``bricks`` maps ``ckn`` and every task name to its brick manifest."""
+
+    bricks: Dict[str, Path] = field(default_factory=dict)
+
+    def assemble(self, tasks: Optional[Sequence[str]] = None) -> nn.Module:
+        """The CKN plus the TSNs of ``tasks`` (default: all) as one network, without fine-tuning."""
+        names = [n for n in self.bricks if n != "ckn"] if tasks is None else list(tasks)
+        unknown = [n for n in names if n not in self.bricks or n == "ckn"]
+        if unknown:
+            raise ConfigError(f"no TSN brick for tasks {unknown}; the run has {[n for n in self.bricks if n != 'ckn']}")
+        return assemble(self.bricks["ckn"], [self.bricks[n] for n in names])
+
+    @torch.no_grad()
+    def assembled_accuracy(self, x: Any, y: Any, tasks: Optional[Sequence[str]] = None) -> float:
+        """Accuracy of the assembled network on raw inputs ``x`` (over the union of its tasks' classes)."""
+        net = self.assemble(tasks).to(self.device)
+        # TODO(H10b): once the assembled network carries its input normalisation, call net on raw x directly.
+        return accuracy(lambda b: net(self.normalize(b)), x, y)
+
+
+@dataclass
+class ContinualRun(Run):
+    """A continual run: ``summary`` holds the accuracy matrix and forgetting; ``predict_task(x, t)`` classifies
+    with task ``t``'s mask."""
+
+    @torch.no_grad()
+    def predict_task(self, x: Any, task: int, batch_size: int = 512) -> torch.Tensor:
+        self.method.eval()
+        x = torch.as_tensor(x).float()
+        return torch.cat([self.method.predict_task(self.normalize(x[i:i + batch_size]), task).cpu() for i in range(0, len(x), batch_size)])
+
+    def predict(self, x: Any, batch_size: int = 512) -> torch.Tensor:
+        raise ConfigError("a continual run classifies per task: use predict_task(x, task)")
+
+
+def _single(out):
+    if isinstance(out, (list, tuple)):
+        raise ConfigError("this network has one output per task; score each task's output separately")
+    return out
+
+
+@torch.no_grad()
+def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], x: Any, y: Any, batch_size: int = 512) -> float:
+    """Fraction of ``x`` whose argmax of ``predict(batch)`` equals ``y`` (any network or function returning logits)."""
+    x, y = torch.as_tensor(x).float(), torch.as_tensor(y).long()
+    if isinstance(predict, nn.Module):
+        predict.eval()
+    right = 0
+    for i in range(0, len(x), batch_size):
+        out = _single(predict(x[i:i + batch_size]))
+        right += int((out.argmax(1).cpu() == y[i:i + batch_size]).sum())
+    return right / max(1, len(x))
+
+
+# ---- building the config ---------------------------------------------------------------------------------------
+
+
+def _data_config(data: Data, test: Data, classes, test_fraction: float, split_seed: int, normalize: bool,
+                 augment: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    aug = {"normalize": normalize, **(augment or {})}
+    if isinstance(data, str):
+        if test is not None:
+            raise ConfigError("test data go with data given as arrays or a Dataset, not with a dataset name")
+        return {"name": data, "augment": aug}
+    if isinstance(data, dict):
+        return {**data, "augment": {**aug, **data.get("augment", {})}}
+    splits = python_splits(data, test, classes, test_fraction, split_seed)
+    return {"name": "in_memory", "kwargs": {"ref": OBJECTS.put(splits, "data")}, "augment": aug}
+
+
+def _splits_of(data_cfg: Dict[str, Any]) -> DataSplits:
+    if data_cfg["name"] == "in_memory":
+        return OBJECTS.get(data_cfg["kwargs"]["ref"], "data")
+    kwargs = dict(data_cfg.get("kwargs", {}))
+    if data_cfg.get("root") is not None:
+        kwargs["root"] = data_cfg["root"]
+    return load_dataset(data_cfg["name"], **kwargs)
+
+
+def _frozen_ref(net: Network, kind: str, normalize=None) -> Union[str, Dict[str, Any]]:
+    """A teacher / source for a method config. Python objects take the data as given unless ``normalize`` says
+    otherwise; a path keeps the convention it states (a TorchScript file or import path must state one)."""
+    if isinstance(net, NetworkSpec):
+        return net.model_dump(mode="json", exclude_defaults=True)
+    if isinstance(net, dict):
+        spec = dict(net)
+        if not isinstance(spec.get("path"), (str, os.PathLike)):
+            spec["path"] = OBJECTS.put(spec.get("path"), kind)
+        return {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in spec.items()}
+    if isinstance(net, (str, os.PathLike)):
+        path = os.fspath(net)
+        return {"path": path, "normalize": normalize} if normalize is not None else path
+    if isinstance(net, type):
+        raise ConfigError(f"{kind}: got the class {net.__name__}; give the trained network object")
+    if not (isinstance(net, nn.Module) or callable(net)):
+        raise ConfigError(f"{kind}: a {type(net).__name__} is neither a network nor a callable returning logits")
+    ref: Dict[str, Any] = {"path": OBJECTS.put(net, kind)}
+    if normalize is not None:
+        ref["normalize"] = normalize
+    return ref
+
+
+def _model_config(model: Network, kind: str, default: Dict[str, Any]) -> Dict[str, Any]:
+    """A trainable network: a registered name or spec string, ``{name, kwargs}``, or a Python class / factory /
+    module (a module is copied; a class or factory gives a fresh, seeded initialisation each run)."""
+    if model is None:
+        return dict(default)
+    if isinstance(model, dict):
+        out = dict(model)
+        if not isinstance(out.get("name"), str):
+            out["name"] = OBJECTS.put(out.get("name"), kind)
+        return out
+    if isinstance(model, (str, os.PathLike)):
+        return {"name": os.fspath(model)}
+    if isinstance(model, nn.Module) or callable(model):
+        return {"name": OBJECTS.put(model, kind)}
+    raise ConfigError(f"{kind}: a {type(model).__name__} is not a model name, a network, a class or a factory")
+
+
+def _tasks_config(tasks) -> Optional[Dict[str, Any]]:
+    if tasks is None:
+        return None
+    if isinstance(tasks, int):
+        return {"split": tasks}
+    tasks = list(tasks)
+    if tasks and all(isinstance(t, str) for t in tasks):
+        return {"latents": tasks}
+    return {"partition": [list(map(int, t)) for t in tasks]}
+
+
+def _is_flat(splits: DataSplits) -> bool:
+    return splits.train.x.dim() == 2
+
+
+class _Keep(Hook):
+    """Holds on to the trained method and the experiment at the end of the run."""
+
+    def on_fit_end(self, trainer, summary) -> None:
+        self.trainer = trainer
+
+
+def _run(cfg_dict: Dict[str, Any], overrides: Sequence[str], run_dir, resume: bool, overwrite: bool):
+    cfg = build_config(cfg_dict, list(overrides))
+    keep = _Keep()
+    summary = run_training(cfg, Path(run_dir) if run_dir is not None else None, resume=resume, hooks=[keep], overwrite=overwrite)
+    t = keep.trainer
+    method = t.strategy if hasattr(t, "strategy") else t.method
+    return summary, method, t.exp, Path(summary["run_dir"])
+
+
+def _common(name, seed, epochs, batch_size, lr, optimizer, weight_decay, device, progress, out_dir) -> Dict[str, Any]:
+    optim: Dict[str, Any] = {"name": optimizer}
+    if lr is not None:
+        optim["lr"] = lr
+    if weight_decay is not None:
+        optim["weight_decay"] = weight_decay
+    train = {"epochs": epochs, "batch_size": batch_size, "device": device, "progress": progress}
+    return {"name": name, "seed": seed, "out_dir": str(out_dir), "optim": optim, "train": train}
+
+
+# ---- the calls ---------------------------------------------------------------------------------------------------
+
+
+def factorize(teacher: Network, data: Data, *, test: Data = None, tasks: Any = 2, ckn: Network = None, tsn: Network = None,
+              teacher_normalize=None, classes: Optional[Sequence[str]] = None, test_fraction: float = 0.2, split_seed: int = 0,
+              normalize: bool = True, augment: Optional[Dict[str, Any]] = None, options: Optional[Dict[str, Any]] = None,
+              epochs: int = 20, batch_size: int = 64, lr: Optional[float] = None, optimizer: str = "sgd",
+              weight_decay: Optional[float] = None, seed: int = 0, name: str = "kf", run_dir=None, out_dir="runs",
+              device: str = "auto", progress: str = "auto", overrides: Sequence[str] = (), resume: bool = False,
+              overwrite: bool = False) -> Factorization:
+    """Knowledge Factorization of ``teacher`` into a common-knowledge network (CKN) and one task-specific network
+    (TSN) per task, written as bricks in ``<run_dir>/bricks``.
+
+    ``tasks``: a number of consecutive class groups (2: {0-4}, {5-9} for ten classes), a class partition
+    ``[[0, 1, 2], [3, 4]]``, or latent names. ``ckn`` / ``tsn``: trainable networks (default: small CNNs for
+    images, MLPs for feature vectors). ``options``: any other KF option (``temperature``, ``beta``, ``tsn_dim`` ...).
+    """
+    data_cfg = _data_config(data, test, classes, test_fraction, split_seed, normalize, augment)
+    flat = _is_flat(_splits_of(data_cfg))
+    ckn_default = {"name": "mlp", "kwargs": {"hidden": [256, 128]}} if flat else {"name": "small_cnn", "kwargs": {"widths": [32, 64]}}
+    tsn_default = {"name": "mlp", "kwargs": {"hidden": [64]}} if flat else {"name": "small_cnn", "kwargs": {"widths": [16, 32]}}
+    if tasks is None:
+        raise ConfigError("factorize needs tasks: a number of class groups, a class partition, or latent names")
+    data_cfg["tasks"] = _tasks_config(tasks)
+    cfg = _common(name, seed, epochs, batch_size, lr, optimizer, weight_decay, device, progress, out_dir)
+    cfg.update(data=data_cfg, model=_model_config(ckn, "ckn", ckn_default),
+               method={"name": "kf", "teacher": _frozen_ref(teacher, "teacher", teacher_normalize),
+                       "tsn": _model_config(tsn, "tsn", tsn_default), **(options or {})})
+    summary, method, exp, path = _run(cfg, overrides, run_dir, resume, overwrite)
+    bricks = {"ckn": path / "bricks" / "ckn.json", **{t.name: path / "bricks" / f"tsn-{t.name}.json" for t in exp.tasks}}
+    return Factorization(path, summary, method.export_module(), method, exp.transform, exp.device, bricks)
+
+
+DISTILLATION = ("kd", "sskt", "dml", "maxl", "supervised")
+
+
+def distill(data: Data, *, method: str = "kd", teacher: Network = None, sources: Optional[Sequence[Network]] = None,
+            student: Network = None, test: Data = None, teacher_normalize=None, classes: Optional[Sequence[str]] = None,
+            test_fraction: float = 0.2, split_seed: int = 0, normalize: bool = True, augment: Optional[Dict[str, Any]] = None,
+            options: Optional[Dict[str, Any]] = None, epochs: int = 20, batch_size: int = 64, lr: Optional[float] = None,
+            optimizer: str = "sgd", weight_decay: Optional[float] = None, seed: int = 0, name: Optional[str] = None, run_dir=None,
+            out_dir="runs", device: str = "auto", progress: str = "auto", overrides: Sequence[str] = (), resume: bool = False,
+            overwrite: bool = False) -> Run:
+    """Train ``student`` on ``data`` with ``method``: ``kd`` (needs ``teacher``), ``sskt`` (needs ``sources``: frozen
+    classifiers of any label space, each a network or a spec dict with its ``normalize`` / ``input`` conversion),
+    ``dml`` (peers of the student's architecture), ``maxl`` (auxiliary labels), or ``supervised``. ``options``: the
+    method's other options (``temperature``, ``alpha``, ``peers``, ``psi`` ...). ``Run.model`` is the student."""
+    if method not in DISTILLATION:
+        raise ConfigError(f"distill: method must be one of {DISTILLATION}, got {method!r}")
+    params: Dict[str, Any] = {"name": method, **(options or {})}
+    if method == "kd":
+        if teacher is None:
+            raise ConfigError("distill(method='kd') needs a teacher")
+        params["teacher"] = _frozen_ref(teacher, "teacher", teacher_normalize)
+    elif teacher is not None:
+        raise ConfigError(f"method {method!r} takes no teacher" + (" (SSKT takes sources=[...])" if method == "sskt" else ""))
+    if method == "sskt":
+        if not sources:
+            raise ConfigError("distill(method='sskt') needs sources=[...]")
+        params["sources"] = [_frozen_ref(s, "source", teacher_normalize) for s in sources]
+    elif sources:
+        raise ConfigError(f"method {method!r} takes no sources")
+    data_cfg = _data_config(data, test, classes, test_fraction, split_seed, normalize, augment)
+    flat = _is_flat(_splits_of(data_cfg))
+    default = {"name": "mlp", "kwargs": {"hidden": [256, 128]}} if flat else {"name": "small_cnn", "kwargs": {"widths": [32, 64]}}
+    cfg = _common(name or method, seed, epochs, batch_size, lr, optimizer, weight_decay, device, progress, out_dir)
+    cfg.update(data=data_cfg, model=_model_config(student, "student", default), method=params)
+    summary, m, exp, path = _run(cfg, overrides, run_dir, resume, overwrite)
+    return Run(path, summary, m.export_module(), m, exp.transform, exp.device)
+
+
+def learn_continually(backbone: Network, data: Data, *, method: str = "supsup", scenario: Union[str, Dict[str, Any]] = "split",
+                      num_tasks: int = 5, density: float = 0.5, test: Data = None, classes: Optional[Sequence[str]] = None,
+                      test_fraction: float = 0.2, split_seed: int = 0, normalize: bool = True, options: Optional[Dict[str, Any]] = None,
+                      epochs: int = 10, batch_size: int = 64, lr: Optional[float] = 0.01, optimizer: str = "adam",
+                      weight_decay: Optional[float] = 0.0, seed: int = 0, name: Optional[str] = None, run_dir=None, out_dir="runs",
+                      device: str = "auto", progress: str = "auto", overrides: Sequence[str] = (), resume: bool = False,
+                      overwrite: bool = False) -> ContinualRun:
+    """SupSup or ImpressLearn on a supermasked copy of ``backbone`` (every ``nn.Linear`` / ``nn.Conv2d`` masked over
+    frozen signed constants; BatchNorm per task): the tasks of ``scenario`` (``split``, ``permuted``, ``rotated``,
+    or ``{name, ...arguments}``) learned one after another. The backbone must output as many logits as the largest
+    task has classes (a class or factory receives ``num_classes``). ``summary["accuracy_matrix"][i][j]``: accuracy
+    on task j after learning task i."""
+    if method not in ("supsup", "impresslearn"):
+        raise ConfigError(f"learn_continually: method must be supsup or impresslearn, got {method!r}")
+    if backbone is None:
+        raise ConfigError("learn_continually needs a backbone (a network, class, factory or model name)")
+    data_cfg = _data_config(data, test, classes, test_fraction, split_seed, normalize, None)
+    data_cfg["scenario"] = {"name": scenario, "num_tasks": num_tasks} if isinstance(scenario, str) else dict(scenario)
+    cfg = _common(name or method, seed, epochs, batch_size, lr, optimizer, weight_decay, device, progress, out_dir)
+    cfg["optim"]["schedule"] = "constant"
+    cfg.update(data=data_cfg, model=_model_config(backbone, "backbone", {}), method={"name": method, "density": density, **(options or {})})
+    summary, strategy, exp, path = _run(cfg, overrides, run_dir, resume, overwrite)
+    return ContinualRun(path, summary, strategy, strategy, exp.transform, exp.device)
+
+
+__all__ = ["Run", "Factorization", "ContinualRun", "accuracy", "distill", "factorize", "learn_continually"]

@@ -73,7 +73,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    teacher_epochs, kf_epochs = (2, 1) if args.quick else (30, 40)
+    teacher_epochs, kf_epochs = (1, 1) if args.quick else (30, 40)
 
     (x_tr, y_tr), (x_te, y_te) = user_split()
     mean, std = float(x_tr.mean()), float(x_tr.std())
@@ -89,7 +89,7 @@ def main(argv=None):
         teacher, (x01_tr, y_tr), test=(x01_te, y_te), tasks=[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
         teacher_normalize=convention, augment={"crop_padding": 1}, epochs=kf_epochs, lr=0.05, seed=args.seed,
         run_dir=out / f"api-seed{args.seed}", overwrite=True,
-        overrides=["train.max_steps_per_epoch=3", "train.eval_every=1"] if args.quick else [],
+        overrides=["train.max_steps_per_epoch=2", "train.plots=false"] if args.quick else [],
     )
     assembled_acc = fac.assembled_accuracy(x01_te, y_te)
     print(f"bricks: {', '.join(str(p) for p in fac.bricks.values())}")
@@ -108,7 +108,7 @@ def main(argv=None):
                     "--overwrite", "-o", f"data.root={out / 'digits.npz'}", "-o", f"method.teacher={teacher_spec}",
                     "-o", f"seed={args.seed}", "-o", f"train.epochs={kf_epochs}"]
         if args.quick:
-            cli_args += ["-o", "train.max_steps_per_epoch=3"]
+            cli_args += ["-o", "train.max_steps_per_epoch=2"]
         print("kbricks " + " ".join(cli_args))
         assert kbricks_cli(cli_args) == 0
         bricks = out / f"cli-seed{args.seed}" / "bricks"

@@ -94,7 +94,12 @@ def main(argv=None):
     assembled_acc = fac.assembled_accuracy(x01_te, y_te)
     print(f"bricks: {', '.join(str(p) for p in fac.bricks.values())}")
     print(f"assembled from 2 bricks (Python API, nn.Module teacher): {assembled_acc:.4f}  (teacher {teacher_acc:.4f})")
-    # >>> export: deployable TorchScript / ONNX of the assembled network comes with H10b's kbricks export API <<<
+    # >>> EXPORT (H10b): deployable TorchScript / ONNX of the assembled network, checked against eager PyTorch. <<<
+    # kbricks.export arrives with the deployable-output work (issue 10, item 6); until it is merged this is skipped.
+    export = getattr(kbricks, "export", None)
+    if export is not None:
+        export(fac.assemble(), out / f"assembled-seed{args.seed}.pt", format="torchscript")
+        print(f"exported: {out / f'assembled-seed{args.seed}.pt'}")
     result = {"teacher_acc": teacher_acc, "api": {"assembled_acc": assembled_acc, "run_dir": str(fac.run_dir)}}
 
     if args.cli:
@@ -113,8 +118,9 @@ def main(argv=None):
         assert kbricks_cli(cli_args) == 0
         bricks = out / f"cli-seed{args.seed}" / "bricks"
         net = kbricks.assemble(bricks / "ckn.json", [bricks / "tsn-classes_0-1-2-3-4.json", bricks / "tsn-classes_5-6-7-8-9.json"])
-        stats = net.manifests[0]["normalize"]  # TODO(H10b): the assembled network will carry this itself
-        cli_acc = kbricks.accuracy(lambda b: net((b - stats["mean"][0]) / stats["std"][0]), x01_te, y_te)
+        stats = net.manifests[0]["normalize"]  # the run's input normalisation, recorded in every brick
+        raw = net if isinstance(getattr(net, "normalize", None), nn.Module) else (lambda b: net((b - stats["mean"][0]) / stats["std"][0]))
+        cli_acc = kbricks.accuracy(raw, x01_te, y_te)
         print(f"assembled from 2 bricks (CLI, TorchScript teacher): {cli_acc:.4f}  (teacher {teacher_acc:.4f})")
         result["cli"] = {"assembled_acc": cli_acc, "run_dir": str(out / f"cli-seed{args.seed}")}
     (out / f"result-seed{args.seed}.json").write_text(json.dumps(result, indent=2))

@@ -139,10 +139,17 @@ def test_torchscript_teacher_has_no_hooks_but_can_export_features(tmp_path):
         p.features(x)
 
 
-def test_state_dict_or_pickled_model_is_not_a_network(tmp_path, user_code):
+def test_state_dict_or_pickled_model_is_not_a_network(tmp_path, user_code, capsys):
+    """The reported failure: method.teacher=teacher_state_dict.pt gave a UnicodeDecodeError traceback."""
     torch.save(user_code.Nested().state_dict(), tmp_path / "sd.pt")
-    with pytest.raises(ConfigError, match=r"not a TorchScript file.*import path"):
-        load_frozen({"path": str(tmp_path / "sd.pt"), "normalize": "none"})
+    torch.save(user_code.Nested(), tmp_path / "pickled.pt")
+    for name in ("sd.pt", "pickled.pt"):
+        with pytest.raises(ConfigError, match=r"not a TorchScript file.*import path"):
+            load_frozen({"path": str(tmp_path / name), "normalize": "none"})
+    (tmp_path / "kd.yaml").write_text(json.dumps({"data": {"name": "digits"}, "model": {"name": "mlp"}, "method": {"name": "kd", "teacher": "x"}}))
+    assert main(["train", "kd.yaml", "-o", "method.teacher=sd.pt"]) == 2
+    err = capsys.readouterr().err
+    assert "sd.pt is not a TorchScript file" in err and "Traceback" not in err and "UnicodeDecodeError" not in err
 
 
 # ---- import path + weights ---------------------------------------------------------------------------------------
@@ -259,8 +266,14 @@ def test_flat_vectors_factorize_with_a_user_mlp_teacher(user_code, digits01, tmp
                             overrides=["train.max_steps_per_epoch=3", "train.plots=false"])
     net = fac.assemble()
     assert net.manifests[0]["architecture"]["image_size"] is None
-    assert net(fac.normalize(xtf[:5])).shape == (5, 10)
+    assert net.manifests[0]["architecture"]["in_channels"] == 64
     assert 0 <= fac.assembled_accuracy(xtf, yt) <= 1
+    # the CKN a user class, the TSNs a user factory by import path: bricks that assemble into the trained networks
+    fac = kbricks.factorize(teacher, (xf, y), test=(xtf, yt), tasks=2, epochs=1, run_dir=tmp_path / "user", progress="off",
+                            ckn=user_code.make, tsn={"name": "byo_nets:make", "kwargs": {"width": 8}},
+                            overrides=["train.max_steps_per_epoch=3", "train.plots=false"])
+    assert fac.model.ckn.feature_dim == 16 and fac.model.tsns[0].backbone.feature_dim == 8
+    assert fac.assembled_accuracy(xtf, yt) == fac.accuracy(xtf, yt)
 
 
 def test_non_square_images_train_and_reload(tmp_path):
@@ -281,6 +294,10 @@ def test_non_square_images_train_and_reload(tmp_path):
         net, card = load_trained_model(run.run_dir)
         assert card["image_size"] == [6, 10]
         assert net(torch.rand(2, 1, 6, 10)).shape == (2, 3)
+    # the reported failure: [N, 1, 1, 64] data assumed square
+    run = kbricks.distill((x.reshape(96, 1, 1, 60), y), method="supervised", student="mlp", epochs=1, batch_size=16,
+                          run_dir=tmp_path / "row", progress="off", overrides=["train.plots=false"])
+    assert load_trained_model(run.run_dir)[1]["image_size"] == [1, 60]
 
 
 def test_flat_data_refuses_image_augmentation_and_cnns():
@@ -330,3 +347,15 @@ def test_sskt_sources_of_other_label_spaces_and_resolutions(digits01, tmp_path):
     assert heads == [6, 2]
     with pytest.raises(ConfigError, match="fails on one batch"):  # without the stated resize
         kbricks.distill((x[:200], y[:200]), method="sskt", sources=[big], epochs=1, run_dir=tmp_path / "bad", progress="off")
+
+
+@pytest.mark.parametrize("method", ["dml", "maxl"])
+def test_user_class_as_the_student_of_every_method(user_code, method, tmp_path, digits01):
+    """A user module without `features` / `head` is a kbricks classifier through its last nn.Linear."""
+    import kbricks
+
+    x, y, xt, yt = digits01
+    run = kbricks.distill((x[:128], y[:128]), test=(xt[:64], yt[:64]), method=method, student=user_code.Nested, epochs=1,
+                          run_dir=tmp_path / method, progress="off", overrides=["train.max_steps_per_epoch=2", "train.plots=false"])
+    assert isinstance(run.model.module, user_code.Nested) and run.model.feature_dim == 16
+    assert run.predict(xt[:5]).shape == (5, 10)

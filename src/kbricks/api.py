@@ -89,8 +89,7 @@ class Factorization(Run):
     def assembled_accuracy(self, x: Any, y: Any, tasks: Optional[Sequence[str]] = None) -> float:
         """Accuracy of the assembled network on raw inputs ``x`` (over the union of its tasks' classes)."""
         net = self.assemble(tasks).to(self.device)
-        # TODO(H10b): once the assembled network carries its input normalisation, call net on raw x directly.
-        return accuracy(lambda b: net(self.normalize(b)), x, y)
+        return accuracy(raw_input_network(net, self.normalize), x, y)
 
 
 @dataclass
@@ -106,6 +105,14 @@ class ContinualRun(Run):
 
     def predict(self, x: Any, batch_size: int = 512) -> torch.Tensor:
         raise ConfigError("a continual run classifies per task: use predict_task(x, task)")
+
+
+def raw_input_network(net: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], Any]:
+    """``net`` as a function of raw inputs: as it is when it carries its own input normalisation (an nn.Module
+    attribute ``normalize``, as deployable assembled networks have), else behind the run's ``normalize``."""
+    if isinstance(getattr(net, "normalize", None), nn.Module):
+        return net
+    return lambda b: net(normalize(b))
 
 
 def _single(out):

@@ -130,8 +130,8 @@ class ObjectStore:
 
     def get(self, key: str, what: str) -> Any:
         if key not in self._objects:
-            raise ConfigError(f"{what}: {key!r} names an object passed to the Python API of another session; it only "
-                              "exists in the process that created it (give a file or an import path instead)")
+            raise ConfigError(f"{what}: {key!r} names an object handed to the Python API; it only exists in the Python "
+                              "process that created it (name a file, an import path or a registered name instead)")
         return self._objects[key]
 
     def release(self, key: str) -> None:

@@ -31,8 +31,7 @@ class TaskData:
 
 
 def _permute(ds: ArrayDataset, perm: torch.Tensor) -> ArrayDataset:
-    n, c, h, w = ds.x.shape
-    x = ds.x.reshape(n, -1)[:, perm].reshape(n, c, h, w)
+    x = ds.x.reshape(len(ds), -1)[:, perm].reshape(ds.x.shape)  # images or feature vectors
     return ArrayDataset(x, ds.y, ds.classes)
 
 
@@ -62,6 +61,8 @@ def rotated(data: DataSplits, num_tasks: int = 5, degrees_per_task: float = 0.0)
     """Task t rotates every image by t * step degrees (step = 360 / num_tasks unless ``degrees_per_task`` is set)."""
     step = degrees_per_task or 360.0 / num_tasks
     tr, te = data.train, data.test
+    if tr.x.dim() != 4:
+        raise ConfigError(f"rotated: needs images [N, C, H, W]; the data are feature vectors of shape {list(tr.x.shape[1:])}")
     return [
         TaskData(f"rot{int(round(t * step))}", ArrayDataset(rotate(tr.x, t * step), tr.y, tr.classes),
                  ArrayDataset(rotate(te.x, t * step), te.y, te.classes), tr.num_classes)

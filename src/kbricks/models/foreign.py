@@ -77,15 +77,15 @@ IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
 def network_kind(path: str) -> str:
-    """Which kind of network a spec's ``path`` names, from its form (the file is read at load time): kbricks,
-    torchscript, import, memory, or missing (nothing there yet: an error when it is loaded)."""
+    """Which kind of network a spec's ``path`` names: kbricks, torchscript, import, memory, ``weights`` (a file that
+    holds no network: a state_dict or a pickle) or missing (nothing there yet: an error when it is loaded)."""
     if ObjectStore.is_key(path):
         return "memory"
     p = Path(path)
     if p.is_dir() or path.endswith(".json"):
         return "kbricks"
     if p.is_file():
-        return "torchscript"
+        return "torchscript" if is_torchscript_archive(p) else "weights"
     if IMPORT_PATH.fullmatch(path):
         return "import"
     return "missing"
@@ -121,6 +121,10 @@ class NetworkSpec(_Strict):
     def problem(self) -> Optional[str]:
         """What is wrong with this spec for the network now at its path (checked again when it is loaded)."""
         kind = self.kind
+        if kind == "weights":
+            return (f"{self.path} is not a TorchScript file (a torch.save state_dict or pickled model is not a network on its "
+                    "own): save the network with torch.jit.save(torch.jit.script(net)), or give its architecture as an import "
+                    f"path with these weights: {{path: package.module:Factory, weights: {self.path}, normalize: ...}}")
         if kind == "kbricks" and self.normalize is not None:
             return f"{self.path} is a kbricks run: it records its own input normalisation; remove normalize"
         if kind in ("torchscript", "import") and self.normalize is None:

@@ -289,7 +289,7 @@ def test_non_square_images_train_and_reload(tmp_path):
     import kbricks
 
     for model in ("small_cnn", "mlp"):
-        run = kbricks.distill((x, y), method="supervised", student=model, epochs=2, batch_size=16, run_dir=tmp_path / model,
+        run = kbricks.distill((x, y), method="supervised", student=model, epochs=1, batch_size=16, run_dir=tmp_path / model,
                               progress="off", overrides=["train.plots=false"])
         net, card = load_trained_model(run.run_dir)
         assert card["image_size"] == [6, 10]

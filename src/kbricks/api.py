@@ -125,12 +125,17 @@ def _single(out):
 def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], x: Any, y: Any, batch_size: int = 512) -> float:
     """Fraction of ``x`` whose argmax of ``predict(batch)`` equals ``y`` (any network or function returning logits)."""
     x, y = torch.as_tensor(x).float(), torch.as_tensor(y).long()
-    if isinstance(predict, nn.Module):
+    was = predict.training if isinstance(predict, nn.Module) else None
+    if was is not None:
         predict.eval()
     right = 0
-    for i in range(0, len(x), batch_size):
-        out = _single(predict(x[i:i + batch_size]))
-        right += int((out.argmax(1).cpu() == y[i:i + batch_size]).sum())
+    try:
+        for i in range(0, len(x), batch_size):
+            out = _single(predict(x[i:i + batch_size]))
+            right += int((out.argmax(1).cpu() == y[i:i + batch_size]).sum())
+    finally:
+        if was is not None:
+            predict.train(was)
     return right / max(1, len(x))
 
 

@@ -54,23 +54,24 @@ MODEL_SHAPE_ARGS = ("num_classes", "in_channels", "image_size")
 
 
 def build_config(data: dict, overrides: Sequence[str] = ()) -> RunConfig:
-    """A checked config from a dict. Python objects in it (an ``nn.Module`` teacher, a model class or factory, any
-    callable returning logits) are held in the process's object store and named by a ``memory:`` key."""
-    cfg = parse_config(hold_objects(data), overrides)
+    """A checked config from a dict. Python objects where a network is named (an ``nn.Module`` teacher, a model
+    class or factory, any callable returning logits) are held in the process's object store under a ``memory:`` key."""
+    cfg = parse_config(hold_networks(data), overrides)
     validate(cfg)
     return cfg
 
 
-def hold_objects(value, key: str = ""):
-    """A copy of a config dict whose non-data values (modules, classes, functions) are replaced by store keys."""
+NETWORK_KEYS = ("teacher", "sources", "name", "path")  # where a config names a network (model.name, method.tsn.name ...)
+
+
+def hold_networks(value, key: str = ""):
+    """A copy of a config dict whose network entries that are Python objects are replaced by object-store keys."""
     if isinstance(value, dict):
-        return {k: hold_objects(v, k) for k, v in value.items()}
+        return {k: hold_networks(v, k) if k in NETWORK_KEYS or isinstance(v, (dict, list, tuple)) else v for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [hold_objects(v, key) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    if isinstance(value, torch.nn.Module) or callable(value):
-        return OBJECTS.put(value, key or "object")
+        return [hold_networks(v, key) for v in value]
+    if key in NETWORK_KEYS and not isinstance(value, (str, int, float, bool, type(None))) and (isinstance(value, torch.nn.Module) or callable(value)):
+        return OBJECTS.put(value, key)
     return value
 
 

@@ -325,7 +325,7 @@ def open_network(spec: NetworkSpec, where: str) -> Opened:
         module = load_torchscript(spec.path, where)
     elif kind == "import":
         obj = import_object(spec.path, where)
-        module = call_factory(obj, spec.kwargs, where) if callable(obj) and not isinstance(obj, nn.Module) else obj
+        module = call_factory(obj, spec.kwargs, where) if callable(obj) and not isinstance(obj, nn.Module) else _copy(obj)
         if not isinstance(module, nn.Module):
             raise ConfigError(f"{where}: {spec.path} gave a {type(module).__name__}, not an nn.Module")
         if spec.weights:
@@ -344,8 +344,9 @@ def open_network(spec: NetworkSpec, where: str) -> Opened:
     return Opened(module, kind, _norm_of(spec), card)
 
 
-def _copy(module: nn.Module) -> nn.Module:
-    """Frozen networks switch to eval mode and stop gradients: work on a copy, not on the user's object."""
+def _copy(module: Any) -> Any:
+    """Frozen networks switch to eval mode and stop gradients, trained ones change: work on a copy, not on the
+    user's object (an object that cannot be copied is used as it is)."""
     try:
         return copy.deepcopy(module)
     except Exception:

@@ -211,7 +211,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"kbricks: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        where = getattr(args, "run_dir", None)
-        hint = f"resume with --resume --run-dir {where}" if where else "resume with --resume --run-dir <the run directory printed above>"
-        print(f"kbricks: interrupted; {hint}", file=sys.stderr)
+        from .core.rundir import interrupted_note
+
+        print(f"kbricks: interrupted; {interrupted_note()}", file=sys.stderr)
         return 130

@@ -431,14 +431,17 @@ def _edit_brick(b: Path, out: Path, name: str, edit, resign=False) -> Path:
     return out
 
 
-@pytest.mark.parametrize("case, edit, match", [
-    ("swapped classes", lambda m: dict(m, task=dict(m["task"], classes=[6, 5, 7, 8, 9])), "signed fields"),
-    ("permuted class names", lambda m: dict(m, class_names=["9", "8", "7", "6", "5"]), "signed fields"),
-    ("other architecture", lambda m: dict(m, architecture=dict(m["architecture"], dim=8)), "signed fields"),
-    ("no ckn_fingerprint", lambda m: {k: v for k, v in m.items() if k != "ckn_fingerprint"}, "lacks ['ckn_fingerprint']"),
-    ("no weights", lambda m: {k: v for k, v in m.items() if k != "weights"}, "lacks ['weights']"),
-    ("weights path", lambda m: dict(m, weights="../../etc/passwd"), "must name a file next to the manifest"),
-])
+TSN_EDITS = [
+    ("swapped-classes", lambda m: dict(m, task=dict(m["task"], classes=[6, 5, 7, 8, 9])), "signed fields"),
+    ("permuted-class-names", lambda m: dict(m, class_names=["9", "8", "7", "6", "5"]), "signed fields"),
+    ("other-architecture", lambda m: dict(m, architecture=dict(m["architecture"], dim=8)), "signed fields"),
+    ("no-ckn_fingerprint", lambda m: {k: v for k, v in m.items() if k != "ckn_fingerprint"}, "lacks ['ckn_fingerprint']"),
+    ("no-weights", lambda m: {k: v for k, v in m.items() if k != "weights"}, "lacks ['weights']"),
+    ("weights-path", lambda m: dict(m, weights="../../etc/passwd"), "must name a file next to the manifest"),
+]
+
+
+@pytest.mark.parametrize("case, edit, match", TSN_EDITS, ids=[c[0] for c in TSN_EDITS])
 def test_edited_tsn_manifests_are_refused(kf_bricks, tmp_path, capsys, case, edit, match):
     _, b = kf_bricks
     bad = _edit_brick(b, tmp_path / "b", "tsn-classes_5-6-7-8-9.json", edit)
@@ -700,7 +703,7 @@ def test_a_stale_temp_file_from_a_kill_mid_save_does_not_break_resume(cfg, tmp_p
     assert load_checkpoint(run / "ckpt" / "last.pt")["epoch"] == 2
 
 
-def test_data_error_type_is_the_documented_one():
+def test_validate_splits_is_usable_on_its_own():
     from kbricks.data.validate import validate_splits
 
     x = torch.rand(4, 1, 2, 2)

@@ -149,7 +149,7 @@ def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bo
             setattr(module, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
     elif sync_batchnorm:  # torch's SyncBatchNorm refuses CPU modules: same layers, synchronised by our function
         for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm):
+            if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):  # not subclasses with their own forward
                 m.__class__ = CpuSyncBatchNorm
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters)

@@ -255,10 +255,11 @@ class _Unscriptable(nn.Module):
 
 
 def test_export_traces_what_script_cannot_compile_and_refuses_a_wrong_trace(tmp_path, monkeypatch):
-    net = _Unscriptable().eval()
+    net = _Unscriptable().train()
     ones, zeros = torch.ones(3, 4), torch.zeros(2, 4)
     r = kbricks.export(net, tmp_path / "ok.pt", example_input=ones, check_inputs=[torch.ones(5, 4)])
     assert r["how"].startswith("trace; torch.jit.script failed") and r["max_abs_diff"] <= 1e-5
+    assert net.training  # exported in eval mode, handed back in the mode it came in
     # traced on one branch, checked on the other: refused, nothing written
     with pytest.raises(KbricksError, match=r"differs from the PyTorch network by .* nothing was written"):
         kbricks.export(net, tmp_path / "wrong.pt", example_input=ones, check_inputs=[zeros])

@@ -7,6 +7,7 @@ ONNX needs the optional extra: ``pip install 'kbricks[onnx]'`` (onnx, onnxscript
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -170,25 +171,35 @@ def export(
         raise KbricksError(f"torchscript must be 'auto', 'script' or 'trace', not {torchscript!r}")
     if not isinstance(net, nn.Module):
         net = load_network(net)
-    net = net.eval()
+    was_training = net.training
+    try:
+        return _export(net.eval(), Path(path), format, example_input, check_inputs, atol, torchscript, opset)
+    finally:
+        net.train(was_training)
+
+
+def _export(net: nn.Module, path: Path, format: str, example_input: Optional[torch.Tensor],
+            check_inputs: Optional[Sequence[torch.Tensor]], atol: float, torchscript: str, opset: int) -> Dict[str, Any]:
     x = example_input if example_input is not None else random_input(net)
     if check_inputs is None:
         lo, hi = x.min().item(), x.max().item()
         g = torch.Generator().manual_seed(1)
         check_inputs = [lo + (hi - lo) * torch.rand(n, *x.shape[1:], generator=g, dtype=x.dtype) for n in (1, x.shape[0] + 3)]
-    inputs = [x, *check_inputs]
+    # eager outputs on the network's own device; the exported file is run back on the CPU
+    device = next(itertools.chain(net.parameters(), net.buffers()), torch.empty(0)).device
+    x = x.to(device)
+    inputs = [x, *(c.to(device) for c in check_inputs)]
     with torch.no_grad():
         expected = [net(i) for i in inputs]
     names = _output_names(net, expected[0])
     meta = {**_jsonable(getattr(net, "info", None) or {}), "outputs": names, "exported_by": f"kbricks {__version__}"}
 
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with torch.no_grad():
             how = _torchscript(net, x, tmp, meta, torchscript) if format == "torchscript" else _onnx(net, x, tmp, meta, names, opset)
-        diffs = [max_abs_difference(e, g) for e, g in zip(expected, _run_back(format, tmp, inputs))]
+        diffs = [max_abs_difference(e, g) for e, g in zip(expected, _run_back(format, tmp, [i.cpu() for i in inputs]))]
         worst = max(diffs)
         if not worst <= atol:
             sizes = [int(i.shape[0]) for i in inputs]

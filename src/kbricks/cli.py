@@ -80,6 +80,15 @@ def _cmd_assemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .engine.export import export, load_network, random_input
+
+    net = load_network(args.source)
+    x = random_input(net, batch=args.batch, shape=args.input_shape)
+    _print(export(net, Path(args.out), format=args.format, example_input=x, atol=args.atol, torchscript=args.torchscript))
+    return 0
+
+
 def _cmd_study(args: argparse.Namespace) -> int:
     from .studies import run_cl_study, run_kf_study, run_sskt_study
 
@@ -159,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace an existing assembly in --out")
     a.add_argument("--evaluate", action="store_true", help="score it (and its teacher) on the CKN's test split")
     a.set_defaults(func=_cmd_assemble)
+
+    ex = sub.add_parser("export", help="export an assembled network or a trained run's network to TorchScript or ONNX (checked against PyTorch)")
+    ex.add_argument("source", help="an assembled network's directory (assembled.json) or a run directory (model.json)")
+    ex.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript", help="onnx needs pip install 'kbricks[onnx]'")
+    ex.add_argument("--out", required=True, help="the file to write (e.g. net.pt or net.onnx)")
+    ex.add_argument("--batch", type=int, default=2, help="batch size of the example input")
+    ex.add_argument("--input-shape", type=int, nargs="+", metavar="N", help="per-sample input shape, when the source does not record it (e.g. 1 8 8)")
+    ex.add_argument("--atol", type=float, default=1e-5, help="largest difference from eager PyTorch accepted")
+    ex.add_argument("--torchscript", choices=["auto", "script", "trace"], default="auto", help="auto: script, else trace")
+    ex.set_defaults(func=_cmd_export)
 
     sw = sub.add_parser("sweep", help="train a config over several seeds; mean +/- std of last and best accuracy")
     sw.add_argument("config")

@@ -40,6 +40,13 @@ def test_gem_resnet18_has_the_supsup_papers_weights():
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 5) and net.feature_dim == 160
 
 
+@pytest.mark.parametrize("depth,widen,millions", [(40, 1, 0.6), (40, 2, 2.2), (40, 4, 8.9), (16, 8, 11.0), (28, 10, 36.5)])
+def test_wide_resnets_of_the_kd_students_match_the_wrn_paper(depth, widen, millions):
+    """Zagoruyko & Komodakis 2016, Table 1 (CIFAR-10): the family the KD students (WRN-40-2, -28-3, -40-3) come from."""
+    n = count_parameters(create_model("wrn", num_classes=10, depth=depth, widen=widen))
+    assert round(n / 1e6, 1) == millions, n
+
+
 def test_split_with_class_order_seed_is_supsups_random_split():
     data = load_dataset("digits")
     tasks = split(data, num_tasks=5, class_order_seed=3)
@@ -161,6 +168,10 @@ def smoke_root(tmp_path_factory):
 @pytest.mark.parametrize("recipe", list(paper.RECIPES))
 def test_recipe_smoke(recipe, smoke_root):
     root, out = smoke_root
+    stale = paper.run_dir_of(out / "paper-smoke", paper.RECIPES[recipe].rows[0].run, 0)
+    if not stale.exists():  # a run killed before its first checkpoint: started again, not refused
+        stale.mkdir(parents=True)
+        (stale / "config.yaml").write_text("killed\n")
     md = paper.run_paper_study(root, out, seeds=[0], only=[recipe], smoke=True, overrides=ONE_THREAD, log=lambda s: None)
     study = json.loads((out / "paper-smoke" / "study.json").read_text())
     rec = study["recipes"][recipe]
@@ -178,6 +189,10 @@ def test_recipe_smoke(recipe, smoke_root):
         kf_run, n = kf_tasks[recipe]
         bricks = paper.run_dir_of(out / "paper-smoke", kf_run, 0) / "bricks"
         assert (bricks / "ckn.json").exists() and len(list(bricks.glob("tsn-*.json"))) == n
+    results = paper.run_dir_of(out / "paper-smoke", paper.RECIPES[recipe].rows[0].run, 0) / "results.json"
+    stamp = results.stat().st_mtime_ns
+    paper.run_paper_study(root, out, seeds=[0], only=[recipe], smoke=True, overrides=ONE_THREAD, log=lambda s: None)
+    assert results.stat().st_mtime_ns == stamp  # finished runs are reused, not retrained
     if "splitcifar100" in recipe:
         res = json.loads((runs / recipe / "seed0" / "results.json").read_text())
         assert len(res["final_accs"]) == 20 and res["forgetting"] == 0.0  # 20 tasks x 5 classes, nothing forgotten

@@ -50,12 +50,13 @@ class Job:
     label: str
     overrides: tuple = ()
     stage: Optional[str] = None  # continual: which stage is timed
+    same_cost: tuple = ()  # runs whose step costs the same (they differ in a linear head); projected from this one
 
 
 # one job per distinct cost: the CIFAR-100 coarse teacher and the CIFAR-100 SSKT runs differ from their CIFAR-10
 # counterparts only in the size of a linear head (and the epochs, which the projection takes from each config)
 JOBS = [
-    Job("teacher-cifar10", "teacher WRN-28-2 (CIFAR-10)"),
+    Job("teacher-cifar10", "teacher WRN-28-2", same_cost=("teacher-cifar100coarse",)),
     Job("kf-cifar10-1task", "KF 1 task: CKN WRN-28-2 + TSN MBv2x0.5"),
     Job("kd-cifar10-wrn40_2", "KD student WRN-40-2"),
     Job("kf-cifar10-2tasks", "KF 2 tasks (CIFAR-10)"),
@@ -65,13 +66,13 @@ JOBS = [
     Job("supsup-splitcifar100", "SupSup mask (= ImpressLearn impression), GEMResNet18", stage="mask"),
     # random impressions are stored at once, so task 0's first stage is the coefficients over k = 5 masks
     Job("impresslearn-splitcifar100", "ImpressLearn coefficients, k = 5", ("method.source=random",), stage="alpha"),
-    Job("sskt-source-imagenet", "SSKT source ResNet-18 at 32 px (each of 2)"),
-    Job("sskt-cifar10-scratch", "scratch ResNet-20 (CIFAR-10)"),
-    Job("sskt-cifar10-teacher", "KD teacher ResNet-56 (CIFAR-10)"),
-    Job("sskt-cifar10-kd", "KD ResNet-56 -> ResNet-20"),
-    Job("sskt-cifar10-dml", "DML 2 x ResNet-20"),
-    Job("sskt-cifar10-maxl", "MAXL ResNet-20, psi 10"),
-    Job("sskt-cifar10-sskt", "SSKT ResNet-20 + 2 sources"),
+    Job("sskt-source-imagenet", "SSKT source ResNet-18 at 32 px", same_cost=("sskt-source-places365",)),
+    Job("sskt-cifar10-scratch", "scratch ResNet-20", same_cost=("sskt-cifar100-scratch",)),
+    Job("sskt-cifar10-teacher", "KD teacher ResNet-56", same_cost=("sskt-cifar100-teacher",)),
+    Job("sskt-cifar10-kd", "KD ResNet-56 -> ResNet-20", same_cost=("sskt-cifar100-kd",)),
+    Job("sskt-cifar10-dml", "DML 2 x ResNet-20", same_cost=("sskt-cifar100-dml",)),
+    Job("sskt-cifar10-maxl", "MAXL ResNet-20 (psi 10; CIFAR-100: psi 5)", same_cost=("sskt-cifar100-maxl",)),
+    Job("sskt-cifar10-sskt", "SSKT ResNet-20 + 2 sources", same_cost=("sskt-cifar100-sskt",)),
 ]
 DEPENDENCIES = ("teacher-cifar10", "teacher-cifar100coarse", "sskt-source-imagenet", "sskt-source-places365", "sskt-cifar10-teacher",
                 "sskt-cifar100-teacher")
@@ -214,6 +215,25 @@ def table(rows: List[Dict[str, Any]], device: str, threads: int, load: str) -> s
     return "\n".join(lines) + "\n"
 
 
+def per_recipe(rows: List[Dict[str, Any]]) -> List[str]:
+    """Each recipe's full cost: every run x its seeds (shared runs once), and the largest memory of its runs."""
+    by_run = {r["run"]: r for r in rows}
+    lines = ["", "| recipe | runs | hours, all runs and seeds | PFLOP, all runs and seeds | largest run memory (MB) |", "|---|---|---|---|---|"]
+    for rec in paper.RECIPES.values():
+        runs = rec.run_order()
+        if not all(r in by_run for r in runs):
+            continue
+        hours = sum(by_run[r]["run_hours"] * by_run[r]["seeds"] for r in runs)
+        pflop = sum(by_run[r]["run_pflop"] * by_run[r]["seeds"] for r in runs)
+        if "impresslearn-splitcifar100" in runs and "supsup-splitcifar100" in by_run:  # its impressions are SupSup masks
+            sup, k = by_run["supsup-splitcifar100"], 5
+            hours += sup["run_hours"] / 20 * k * SEEDS
+            pflop += sup["run_pflop"] / 20 * k * SEEDS
+        memory = max(by_run[r]["memory_mb_projected"] for r in runs)
+        lines.append(f"| {rec.name} | {len(runs)} | {hours:,.0f} | {pflop:,.0f} | {memory:,.0f} |")
+    return lines + ["", f"({SEEDS} seeds; teachers and sources once, and counted in every recipe that uses them.)", ""]
+
+
 def main() -> Dict[str, Dict[str, float]]:
     device = pick_device("auto")
     batch = int(os.environ.get("BENCH_RECIPE_BATCH", "8")) if device.type == "cpu" else 0
@@ -238,17 +258,21 @@ def main() -> Dict[str, Dict[str, float]]:
             b = batch or load_config(configs_root() / paper.RUNS[job.run].config).train.batch_size
             m = project(measure(job, root, out, b, steps, device, quiet))
             rows.append(m)
+            rows += [project({**m, "run": other, "label": f"{m['label']} ({other}: same step)"}) for other in job.same_cost]
             print(f"  {job.label:<52s} {m['ms_per_sample']:8.1f} ms/sample  {m['epoch_s']:8.0f} s/epoch  {m['run_hours']:8.1f} h/run  "
                   f"{m['train_gflop_per_sample']:6.2f} GFLOP/sample  peak {m['peak_mb_measured'] or float('nan'):.0f} MB", flush=True)
         print(f"  ({time.time() - t0:.0f} s)")
     load = f"{load0:.1f} / {os.getloadavg()[0]:.1f}"
     text = table(rows, str(device) if device.type == "cpu" else torch.cuda.get_device_name(device), torch.get_num_threads(), load)
+    text += "\n".join(per_recipe(rows))
     Path("results").mkdir(exist_ok=True)
     Path("results/bench_recipes.md").write_text(text)
     print(text)
     first = rows[0]["ms_per_sample"]
     block = {}
     for r in rows:
+        if "same step" in r["label"]:
+            continue
         block[f"{r['run']}/ms"] = r["ms_per_sample"]
         block[f"{r['run']}/ratio"] = r["ms_per_sample"] / first
     return {f"ms per training sample ({device.type}, batch {batch or 'as in the recipe'})": block}

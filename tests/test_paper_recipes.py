@@ -204,6 +204,22 @@ def test_recipe_smoke(recipe, smoke_root):
         assert sskt.method.params()["sources"] == [str(runs / s) for s in paper.SOURCES]
 
 
+def test_state_digest_sees_weights_and_masks_but_not_batchnorm_statistics():
+    net = supermask(create_model("gem_resnet18", num_classes=5, nf=2))
+    net.store_scores(net.new_scores(torch.Generator().manual_seed(0)))  # packed masks + a 0-dim count in the state
+    before = paper.state_digest(net)
+    bn = net._bns[0]
+    bn.running_mean.add_(1.0)
+    assert paper.state_digest(net) == before  # per-rank BatchNorm statistics may differ
+    net.store_scores(net.new_scores(torch.Generator().manual_seed(1)))
+    assert paper.state_digest(net) != before
+    dense = create_model("resnet20", num_classes=10, width=4)
+    d0 = paper.state_digest(dense)
+    with torch.no_grad():
+        next(dense.parameters())[0].add_(1e-6)
+    assert paper.state_digest(dense) != d0
+
+
 # ---- multi-process: a recipe under torchrun ------------------------------------------------------------------
 
 

@@ -287,14 +287,18 @@ class RanksInSync(Hook):
     left out: without SyncBatchNorm each rank keeps its own.) Recorded as ``ranks_in_sync`` in the summary."""
 
     def on_fit_end(self, trainer, summary) -> None:
-        if dist.world_size() == 1:
-            return
-        h = hashlib.sha256()
-        for key, value in sorted(_flat_tensors(trainer.exp.method.state_dict()).items()):
-            if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
-                h.update(key.encode())
-                h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-        summary["ranks_in_sync"] = len(set(dist.all_gather_object(h.hexdigest()))) == 1
+        if dist.world_size() > 1:
+            summary["ranks_in_sync"] = len(set(dist.all_gather_object(state_digest(trainer.exp.method)))) == 1
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's state (extra states such as packed masks included), BatchNorm running statistics left out."""
+    h = hashlib.sha256()
+    for key, value in sorted(_flat_tensors(module.state_dict()).items()):
+        if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            h.update(key.encode())
+            h.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _flat_tensors(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:

@@ -179,6 +179,8 @@ def test_recipe_smoke(recipe, smoke_root):
     for row in rec["rows"]:
         assert row["values"] and all(0.0 <= v <= 1.0 for v in row["values"]), row
     assert recipe in md.read_text()
+    assert main(["reproduce", "--scale", "paper", "--out", str(out), "--smoke", "--tables-only"]) == 0  # from study.json alone
+    assert md.read_text() == paper.paper_table(study)
     runs = out / "paper-smoke" / "runs"
     for rid in paper.RECIPES[recipe].run_order():
         run_dir = paper.run_dir_of(out / "paper-smoke", rid, 0)

@@ -209,7 +209,7 @@ RECIPES: Dict[str, Recipe] = {r.name: r for r in (
     )),
     Recipe("supsup-splitcifar100", "SupSup (GG) on SplitCIFAR100, 20 x 5 classes, GEMResNet18", (
         Row("SupSup average accuracy after 20 tasks", "supsup-splitcifar100", "avg_acc",
-            "≈ 89 (authors' per-task 83-95 in supsup issue #11; ImpressLearn authors' re-runs ≈ 89); SupSup paper Fig. 3: read from the plot"),
+            "≈ 89 (per-task 83-95 in supsup issue #11; the ImpressLearn authors' re-runs average ≈ 89); the paper gives a plot (Fig. 3)"),
     )),
     Recipe("impresslearn-splitcifar100", "ImpressLearn on SplitCIFAR100, 5 heterogeneous impressions, GEMResNet18", (
         Row("ImpressLearn average accuracy after 20 tasks", "impresslearn-splitcifar100", "avg_acc",

@@ -128,11 +128,39 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from .studies import reproduce
 
+    if args.scale == "paper":
+        return _cmd_reproduce_paper(args)
+    paper_only = [f for f, v in (("--data-root", args.data_root), ("--only", args.only), ("--seeds", args.seeds), ("--smoke", args.smoke),
+                                 ("--check", args.check), ("-o", args.override)) if v]
+    if paper_only:
+        raise KbricksError(f"{paper_only[0]} goes with --scale paper")
     if args.tables_only:
         args.runs = str(Path(args.out) / ("runs-quick" if args.quick else "runs"))
         return _cmd_report(args)
     path = reproduce(args.quick, Path(args.out), configs=Path(args.configs) if args.configs else None)
     print(path.read_text())
+    return 0
+
+
+def _cmd_reproduce_paper(args: argparse.Namespace) -> int:
+    from .core import dist
+    from .studies.paper import plan_text, run_paper_study, write_paper_table
+
+    if args.quick:
+        raise KbricksError("--quick is for --scale cpu; use --smoke to check a paper-scale set-up with 2 steps per run")
+    if args.tables_only:
+        print(write_paper_table(Path(args.out), args.smoke).read_text())
+        return 0
+    if args.data_root is None:
+        raise KbricksError("--scale paper needs --data-root DIR (the folder holding cifar-10-batches-py/, cifar-100-python/, sskt-sources/)")
+    if args.check:
+        print(plan_text(Path(args.data_root), args.only))
+        return 0
+    path = run_paper_study(Path(args.data_root), Path(args.out), seeds=args.seeds or [0, 1, 2], only=args.only, smoke=args.smoke,
+                           overrides=args.override, configs=Path(args.configs) if args.configs else None)
+    if dist.is_main_process():
+        print(path.read_text())
+    dist.shutdown()
     return 0
 
 
@@ -197,7 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--configs", help="directory of the configs to use (default: the shipped ones)")
     st.set_defaults(func=_cmd_study)
 
-    rep = sub.add_parser("reproduce", help="run every study this project can do on CPU; write results/REPRODUCTION.md")
+    rep = sub.add_parser("reproduce", help="run every study this project can do on CPU (results/REPRODUCTION.md), or with --scale paper "
+                                           "the papers' CIFAR set-ups on your data (results/PAPER-SCALE.md)")
+    rep.add_argument("--scale", choices=["cpu", "paper"], default="cpu",
+                     help="cpu: the studies on embedded data (default); paper: the recipes of configs/paper/ on --data-root")
+    rep.add_argument("--data-root", help="--scale paper: the folder with cifar-10-batches-py/, cifar-100-python/, sskt-sources/ "
+                                         "(docs/paper-scale.md); recipes whose data are missing are skipped")
+    rep.add_argument("--only", nargs="+", metavar="RECIPE", help="--scale paper: these recipes only (kf-cifar10, supsup-splitcifar100, ...)")
+    rep.add_argument("--seeds", type=int, nargs="+", help="--scale paper: seeds of every non-shared run (default 0 1 2)")
+    rep.add_argument("--smoke", action="store_true", help="--scale paper: 2 steps per run on small networks (checks the data and set-up)")
+    rep.add_argument("--check", action="store_true", help="--scale paper: only list the recipes that can run and the data that are missing")
+    rep.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE", help="--scale paper: applied to every run")
     rep.add_argument("--quick", action="store_true", help="small budgets, 3 seeds")
     rep.add_argument("--out", default="results")
     rep.add_argument("--configs", help="directory of the configs to use (default: the shipped ones)")

@@ -1,6 +1,6 @@
 """Bring your own teacher: a digits classifier written and trained in plain PyTorch (its own class, its own loop,
-its own train/test split), factorized by kbricks into two class-partition bricks, assembled, and scored against the
-teacher on the same test split.
+its own train/test split), factorized by kbricks into two class-partition bricks, assembled, scored against the
+teacher on the same test split, and exported to TorchScript.
 
     python examples/byo_teacher_kf.py                 # ~2 min on 2 CPU cores
     python examples/byo_teacher_kf.py --quick         # a smoke run (CI)
@@ -94,13 +94,14 @@ def main(argv=None):
     assembled_acc = fac.assembled_accuracy(x01_te, y_te)
     print(f"bricks: {', '.join(str(p) for p in fac.bricks.values())}")
     print(f"assembled from 2 bricks (Python API, nn.Module teacher): {assembled_acc:.4f}  (teacher {teacher_acc:.4f})")
-    # >>> EXPORT (H10b): deployable TorchScript / ONNX of the assembled network, checked against eager PyTorch. <<<
-    # kbricks.export arrives with the deployable-output work (issue 10, item 6); until it is merged this is skipped.
-    export = getattr(kbricks, "export", None)
-    if export is not None:
-        export(fac.assemble(), out / f"assembled-seed{args.seed}.pt", format="torchscript")
-        print(f"exported: {out / f'assembled-seed{args.seed}.pt'}")
-    result = {"teacher_acc": teacher_acc, "api": {"assembled_acc": assembled_acc, "run_dir": str(fac.run_dir)}}
+    # deployable output: the assembled network takes the same raw inputs as above (it carries the run's input
+    # normalisation); exported to TorchScript, it is checked against eager PyTorch before the file is written
+    net = fac.assemble()
+    exported = out / f"assembled-seed{args.seed}.pt"
+    kbricks.export(net, exported, format="torchscript", example_input=torch.from_numpy(x01_te[:16]))
+    exported_acc = kbricks.accuracy(torch.jit.load(str(exported)), x01_te, y_te)
+    print(f"exported {exported}: accuracy {exported_acc:.4f}")
+    result = {"teacher_acc": teacher_acc, "api": {"assembled_acc": assembled_acc, "exported_acc": exported_acc, "run_dir": str(fac.run_dir)}}
 
     if args.cli:
         # the same teacher as a TorchScript file, the same data as an npz on its own 0..16 scale, on the command line
@@ -118,9 +119,7 @@ def main(argv=None):
         assert kbricks_cli(cli_args) == 0
         bricks = out / f"cli-seed{args.seed}" / "bricks"
         net = kbricks.assemble(bricks / "ckn.json", [bricks / "tsn-classes_0-1-2-3-4.json", bricks / "tsn-classes_5-6-7-8-9.json"])
-        stats = net.manifests[0]["normalize"]  # the run's input normalisation, recorded in every brick
-        raw = net if isinstance(getattr(net, "normalize", None), nn.Module) else (lambda b: net((b - stats["mean"][0]) / stats["std"][0]))
-        cli_acc = kbricks.accuracy(raw, x01_te, y_te)
+        cli_acc = kbricks.accuracy(net, x01_te, y_te)
         print(f"assembled from 2 bricks (CLI, TorchScript teacher): {cli_acc:.4f}  (teacher {teacher_acc:.4f})")
         result["cli"] = {"assembled_acc": cli_acc, "run_dir": str(out / f"cli-seed{args.seed}")}
     (out / f"result-seed{args.seed}.json").write_text(json.dumps(result, indent=2))

@@ -18,3 +18,4 @@ def test_example_runs(script, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "result-seed0.json").exists(), out
     if script == "byo_teacher_kf.py":  # the Python-API and CLI paths both produced bricks that assemble
         assert "assembled from 2 bricks (Python API" in out and "assembled from 2 bricks (CLI" in out
+        assert (tmp_path / "assembled-seed0.pt").exists()  # exported to TorchScript, checked against eager

@@ -78,7 +78,8 @@ class Factorization(Run):
     bricks: Dict[str, Path] = field(default_factory=dict)
 
     def assemble(self, tasks: Optional[Sequence[str]] = None) -> nn.Module:
-        """The CKN plus the TSNs of ``tasks`` (default: all) as one network, without fine-tuning."""
+        """The CKN plus the TSNs of ``tasks`` (default: all) as one network, without fine-tuning. It takes raw inputs
+        (the data as you passed them) and can be saved (``kbricks.save_assembled``) or exported (``kbricks.export``)."""
         names = [n for n in self.bricks if n != "ckn"] if tasks is None else list(tasks)
         unknown = [n for n in names if n not in self.bricks or n == "ckn"]
         if unknown:
@@ -88,8 +89,7 @@ class Factorization(Run):
     @torch.no_grad()
     def assembled_accuracy(self, x: Any, y: Any, tasks: Optional[Sequence[str]] = None) -> float:
         """Accuracy of the assembled network on raw inputs ``x`` (over the union of its tasks' classes)."""
-        net = self.assemble(tasks).to(self.device)
-        return accuracy(raw_input_network(net, self.normalize), x, y)
+        return accuracy(self.assemble(tasks).to(self.device), x, y)  # it carries the run's input normalisation
 
 
 @dataclass
@@ -105,14 +105,6 @@ class ContinualRun(Run):
 
     def predict(self, x: Any, batch_size: int = 512) -> torch.Tensor:
         raise ConfigError("a continual run classifies per task: use predict_task(x, task)")
-
-
-def raw_input_network(net: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], Any]:
-    """``net`` as a function of raw inputs: as it is when it carries its own input normalisation (an nn.Module
-    attribute ``normalize``, as deployable assembled networks have), else behind the run's ``normalize``."""
-    if isinstance(getattr(net, "normalize", None), nn.Module):
-        return net
-    return lambda b: net(normalize(b))
 
 
 def _single(out):

@@ -5,7 +5,7 @@ methods import models, never the reverse.
 """
 
 from ..data.base import input_shape_of
-from . import masked, mobilenetv2, resnet, simple, wrn  # noqa: F401  (registers models)
+from . import gem_resnet, masked, mobilenetv2, resnet, simple, wrn  # noqa: F401  (registers models)
 from .base import MODELS, Classifier, count_parameters
 from .foreign import NetworkSpec, build_backbone, check_built, looks_like_network
 from .heads import MultiHeadClassifier

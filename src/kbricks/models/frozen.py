@@ -32,11 +32,10 @@ def read_model_card(path: Union[str, Path]) -> Tuple[Dict[str, Any], Path]:
     card = read_json(card_path, f"no trained model at {str(path)!r} (expected a run directory with model.json)")
     if not isinstance(card, dict):
         raise CheckpointError(f"{card_path} is not a kbricks model card (a JSON object is expected, got {type(card).__name__})")
+    if [k for k in ("model", "num_classes", "in_channels", "image_size") if k not in card] or not isinstance(card["model"], dict):
+        raise CheckpointError(f"{card_path} is not a kbricks model card (it lacks model, num_classes, in_channels or image_size)")
     if card.get("network", "classifier") != "classifier":
         raise CheckpointError(f"{card_path} describes a {card.get('method')!r} run whose network is {card.get('network')!r}, not one classifier; load its bricks instead")
-    missing = [k for k in ("model", "num_classes", "in_channels", "image_size") if k not in card]
-    if missing:
-        raise CheckpointError(f"{card_path} is not a kbricks model card (it lacks {missing})")
     return card, card_path.parent
 
 
@@ -54,11 +53,10 @@ def build_from_card(card: Dict[str, Any]) -> nn.Module:
 def load_trained_model(path: Union[str, Path], verify: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
     """The classifier of a kbricks run; with ``verify`` its weights must hash to the card's fingerprint."""
     card, folder = read_model_card(path)
-    net = build_from_card(card)
-    tensors = load_safetensors(folder / "model.safetensors")
+    net, tensors = build_from_card(card), load_safetensors(folder / "model.safetensors")
     if verify and card.get("fingerprint") is not None and fingerprint(tensors) != card["fingerprint"]:
         raise CheckpointError(f"{folder / 'model.safetensors'} does not match the fingerprint in {folder / 'model.json'} "
-                              f"({fingerprint(tensors)} vs {card['fingerprint']}): the weights were modified or replaced; refusing them")
+                              "(modified or corrupt): refusing it")
     load_state_into(net, tensors, f"model described by {folder / 'model.json'}")
     return net, card
 

@@ -268,6 +268,8 @@ def test_flat_vectors_factorize_with_a_user_mlp_teacher(user_code, digits01, tmp
     assert net.manifests[0]["architecture"]["image_size"] is None
     assert net.manifests[0]["architecture"]["in_channels"] == 64
     assert 0 <= fac.assembled_accuracy(xtf, yt) <= 1
+    kbricks.export(fac.assemble(), tmp_path / "flat.pt", format="torchscript")  # no example given: its recorded input [64]
+    assert torch.allclose(torch.jit.load(str(tmp_path / "flat.pt"))(xtf[:7]), fac.assemble()(xtf[:7]), atol=1e-5)
     # the CKN a user class, the TSNs a user factory by import path: bricks that assemble into the trained networks
     fac = kbricks.factorize(teacher, (xf, y), test=(xtf, yt), tasks=2, epochs=1, run_dir=tmp_path / "user", progress="off",
                             ckn=user_code.make, tsn={"name": "byo_nets:make", "kwargs": {"width": 8}},

@@ -49,9 +49,12 @@ def input_normalization(normalize: Optional[Dict[str, Any]]) -> nn.Module:
 
 def input_shape_of(spec: Dict[str, Any]) -> Optional[List[int]]:
     """Per-sample input shape from an architecture entry or a model card: ``input_shape`` when recorded, else
-    ``[in_channels, image_size, image_size]`` (``image_size`` may also be ``[H, W]``)."""
+    ``[in_channels, image_size, image_size]`` (``image_size`` may also be ``[H, W]``; a recorded null ``image_size``
+    means feature vectors: ``[in_channels]``)."""
     if spec.get("input_shape") is not None:
         return [int(s) for s in spec["input_shape"]]
+    if spec.get("in_channels") is not None and "image_size" in spec and spec["image_size"] is None:
+        return [int(spec["in_channels"])]
     if spec.get("in_channels") is None or spec.get("image_size") is None:
         return None
     size = spec["image_size"]

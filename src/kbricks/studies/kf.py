@@ -87,7 +87,8 @@ def kf_report_of(run_dir: Path, baseline: Optional[Path] = None) -> Dict[str, An
     path = Path(run_dir) / "kf_report.json"
     if path.exists():
         report = json.loads(path.read_text())
-        if report.get("baseline") == (str(baseline) if baseline else None) and "assembled_max_abs_diff" in report:
+        same_baseline = baseline is None or report.get("baseline") == str(baseline)  # a report with a baseline has everything
+        if same_baseline and "assembled_max_abs_diff" in report:
             return report
     report = evaluate_run(run_dir, baseline=baseline)
     report["baseline"] = str(baseline) if baseline else None
@@ -194,7 +195,7 @@ def _selection_scores(dataset: str, candidates: Dict[str, List[str]], seeds: Seq
     fit = [*extra, f"data.train_subset={int(0.8 * n_train)}"]
     scores: Dict[str, List[float]] = {}
     for seed in seeds:
-        teacher_dir = root / dataset / f"teacher-seed{seed}"
+        teacher_dir = root / dataset / f"teacher_net-seed{seed}"  # not "teacher-": a candidate is named "teacher"
         train_or_reuse(teacher_cfg, teacher_dir, [f"seed={seed}", *fit])
         for name, over in candidates.items():
             run_dir = root / dataset / f"{name}-seed{seed}"

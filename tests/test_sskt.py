@@ -147,12 +147,51 @@ def test_maxl_meta_gradient_reaches_the_label_generator():
     net_before = [p.clone() for p in m.net.parameters()]
     x = exp.transform(exp.data.train.x[:32], train=True)
     m.train()
-    m.meta_step(x, exp.data.train.y[:32])
+    m.meta_step(x, exp.data.train.y[:32], lr=0.05)
     changed = [not torch.equal(a, b) for a, b in zip(gen_before, m.generator.parameters())]
     assert sum(changed) >= len(changed) - 2  # second-order signal reached (nearly) every generator tensor
     assert all(torch.equal(a, b) for a, b in zip(net_before, m.net.parameters()))  # the meta step moves only g
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.generator.parameters() if p.dim() > 1)
     assert not set(map(id, m.trainable_parameters())) & set(map(id, m.generator.parameters()))
+
+
+def test_maxl_look_ahead_uses_the_given_learning_rate():
+    """theta1+ = theta1 - lr * grad: at lr = 0 the look-ahead does not depend on g, so (without the entropy term and
+    weight decay) the meta step cannot move g; at the current lr it does. g's lr follows f's schedule factor."""
+    exp = build_experiment(cfg_with({"name": "maxl", "psi": 3, "generator_lr": 0.1, "entropy_weight": 0.0, "generator_weight_decay": 0.0}))
+    m = exp.method.train()
+    x, y = exp.transform(exp.data.train.x[:32], train=True), exp.data.train.y[:32]
+    before = [p.clone() for p in m.generator.parameters()]
+    m.meta_step(x, y, lr=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, m.generator.parameters()))
+    m.meta_step(x, y, lr=0.05, lr_factor=0.5)
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.generator.parameters()))
+    assert m.gen_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # generator_lr x f's schedule factor
+
+
+def test_maxl_updates_f_over_an_epoch_then_g_over_the_training_set(tmp_path):
+    """The paper's order: an epoch of f updates with g fixed, then g's meta pass; never g before f."""
+    from kbricks.core.hooks import Hook
+
+    seen = []
+
+    class Watch(Hook):
+        def on_fit_start(self, trainer):
+            self.g0 = [p.clone() for p in trainer.method.generator.parameters()]
+            self.f0 = [p.clone() for p in trainer.method.net.parameters()]
+
+        def on_step_end(self, trainer, step, losses):
+            m = trainer.method
+            g_same = all(torch.equal(a, b) for a, b in zip(self.g0, m.generator.parameters()))
+            f_same = all(torch.equal(a, b) for a, b in zip(self.f0, m.net.parameters()))
+            seen.append((len(seen) // trainer.steps_per_epoch, g_same, f_same, m.last_meta_loss.item()))
+
+    cfg = cfg_with({"name": "maxl", "psi": 2}, **{"train.epochs": 2, "optim.schedule": "cosine"})
+    run_training(cfg, tmp_path / "maxl", hooks=[Watch()])
+    first = [s for s in seen if s[0] == 0]
+    second = [s for s in seen if s[0] == 1]
+    assert first and all(g_same and not f_same and meta == 0.0 for _, g_same, f_same, meta in first)
+    assert second and all(not g_same and meta != 0.0 for _, g_same, _, meta in second)
 
 
 def test_dml_peers_both_update():

@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("study", help="multi-seed studies: kf (teacher -> KF -> KD -> report), cl (SupSup vs ImpressLearn), sskt")
     st.add_argument("kind", choices=["kf", "cl", "sskt"])
-    st.add_argument("--dataset", choices=["digits", "mnist5k", "dsprites"], help="kf only")
+    st.add_argument("--dataset", choices=["digits", "mnist5k", "dsprites", "digits-ablation", "dsprites-ablation", "selection"],
+                    help="kf only: a main study, an IMB ablation, or the validation-split selection of hyper-parameters")
     st.add_argument("--scenario", choices=["permuted", "rotated"], default="permuted", help="cl only")
     st.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     st.add_argument("--out", default="results/runs")

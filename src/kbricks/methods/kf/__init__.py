@@ -1,6 +1,6 @@
 """Knowledge Factorization: the method (IMB objective), the brick store, the evaluation report, representation
 analysis."""
 
-from .method import KnowledgeFactorization, gaussian_kl, imb_loss, info_nce, merge_other
+from .method import KnowledgeFactorization, batch_gaussian_kl, gaussian_kl, imb_loss, info_nce, infomax_bound, merge_other
 
-__all__ = ["KnowledgeFactorization", "gaussian_kl", "imb_loss", "info_nce", "merge_other"]
+__all__ = ["KnowledgeFactorization", "batch_gaussian_kl", "gaussian_kl", "imb_loss", "info_nce", "infomax_bound", "merge_other"]

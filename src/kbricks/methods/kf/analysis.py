@@ -1,12 +1,24 @@
-"""Representation analysis: mutual information gap (MIG) against ground-truth factors, and linear probes."""
+"""Representation analysis, one protocol for every representation (raw dimensions, nothing reduced on one side only):
+
+- MIG (Chen et al. 2018): histogram-discretised mutual information of every code dimension with every factor.
+- DCI (Eastwood & Williams 2018): disentanglement, completeness and informativeness from an importance matrix. The
+  importance of dimension d for factor k is the weight magnitude of a multinomial logistic probe of factor k on the
+  standardised codes (|W - mean over classes|, summed over classes); informativeness is that probe's test accuracy.
+- SAP (Kumar et al. 2018): per (dimension, factor), the test accuracy of a one-dimensional classifier (the majority
+  class of each of ``bins`` histogram bins of the training codes); the gap between the two best dimensions.
+- Linear probes: multinomial logistic regression on standardised features; the L2 strength is chosen on a
+  validation split of the training features (never on the test split), then the probe is refit on all of them.
+"""
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+PROBE_WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # L2 strengths a probe chooses from (validation split)
 
 
 def _discretize(codes: np.ndarray, bins: int) -> np.ndarray:
@@ -36,8 +48,8 @@ def entropy(a: np.ndarray) -> float:
 
 
 def mutual_info_gap(codes: np.ndarray, factors: np.ndarray, bins: int = 20) -> Dict[str, float]:
-    """MIG (Chen et al. 2018): for each factor, the gap between the two code dimensions most informative about it,
-    normalised by the factor's entropy; averaged over factors. 1 = each factor in exactly one dimension."""
+    """MIG: for each factor, the gap between the two code dimensions most informative about it, normalised by the
+    factor's entropy; averaged over factors. 1 = each factor in exactly one dimension. Raw dimensions only."""
     codes = np.asarray(codes, dtype=np.float64)
     factors = np.asarray(factors)
     if codes.shape[1] < 2:
@@ -53,30 +65,131 @@ def mutual_info_gap(codes: np.ndarray, factors: np.ndarray, bins: int = 20) -> D
     return {"mig": float(np.mean(list(gaps.values()))), **{f"mig_factor{k}": v for k, v in gaps.items()}}
 
 
-def pca_project(train: torch.Tensor, test: torch.Tensor, dim: int):
-    """Project onto the top-``dim`` principal components of ``train`` (for equal-size code comparisons)."""
-    mean = train.mean(0, keepdim=True)
-    _, _, v = torch.pca_lowrank(train - mean, q=min(dim, train.shape[1]), center=False)
-    return (train - mean) @ v[:, :dim], (test - mean) @ v[:, :dim]
+# ---- linear probes -------------------------------------------------------------------------------------------
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 weight_decay: float = 1e-4, steps: int = 100) -> float:
-    """Multinomial logistic regression on frozen, standardised features (L-BFGS); returns test accuracy."""
+def _standardize(train_x: torch.Tensor, *others: torch.Tensor):
     mean, std = train_x.mean(0, keepdim=True), train_x.std(0, keepdim=True).clamp_min(1e-6)
-    xtr, xte = (train_x - mean) / std, (test_x - mean) / std
-    n_cls = int(max(train_y.max(), test_y.max())) + 1
+    return [(t - mean) / std for t in (train_x, *others)]
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, n_cls: int, weight_decay: float, steps: int = 100) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression (L-BFGS) on already standardised features."""
     g = torch.Generator().manual_seed(0)
-    w = (0.01 * torch.randn(xtr.shape[1], n_cls, generator=g)).requires_grad_()
+    w = (0.01 * torch.randn(x.shape[1], n_cls, generator=g)).requires_grad_()
     b = torch.zeros(n_cls, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(xtr @ w + b, train_y) + weight_decay * w.pow(2).sum()
+        loss = F.cross_entropy(x @ w + b, y) + weight_decay * w.pow(2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    with torch.no_grad():
-        return ((xte @ w + b).argmax(1) == test_y).float().mean().item()
+    return w.detach(), b.detach()
+
+
+def _accuracy(x, y, w, b) -> float:
+    return ((x @ w + b).argmax(1) == y).float().mean().item()
+
+
+def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_fraction: float = 0.2, seed: int = 0,
+              weight_decays: Optional[Sequence[float]] = None):
+    """Choose the L2 strength on a seeded validation split of the training features (best validation accuracy;
+    ties go to the stronger regularisation), then refit on every training feature. Returns a dict with the
+    weights, the standardisation and the chosen strength."""
+    weight_decays = PROBE_WEIGHT_DECAYS if weight_decays is None else weight_decays
+    train_x, train_y = train_x.float(), train_y.long()
+    n = len(train_x)
+    n_cls = int(train_y.max()) + 1
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(val_fraction * n)))
+    val, fit = perm[:n_val], perm[n_val:]
+    xf, xv = _standardize(train_x[fit], train_x[val])
+    scores = [(_accuracy(xv, train_y[val], *_fit_logistic(xf, train_y[fit], n_cls, wd)), wd) for wd in weight_decays]
+    best_acc = max(a for a, _ in scores)
+    wd = max(w for a, w in scores if a == best_acc)
+    mean, std = train_x.mean(0, keepdim=True), train_x.std(0, keepdim=True).clamp_min(1e-6)
+    w, b = _fit_logistic((train_x - mean) / std, train_y, n_cls, wd)
+    return {"w": w, "b": b, "mean": mean, "std": std, "weight_decay": wd, "val_acc": best_acc, "num_classes": n_cls}
+
+
+def probe_accuracy(probe, x: torch.Tensor, y: torch.Tensor) -> float:
+    return _accuracy((x.float() - probe["mean"]) / probe["std"], y.long(), probe["w"], probe["b"])
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, seed: int = 0) -> float:
+    """Test accuracy of a linear probe whose L2 strength was chosen on a validation split of the training set."""
+    return probe_accuracy(fit_probe(train_x, train_y, seed=seed), test_x, test_y)
+
+
+# ---- DCI and SAP ---------------------------------------------------------------------------------------------
+
+
+def _normalized_entropy(p: np.ndarray, base: int) -> np.ndarray:
+    """Entropy of each column of the (column-normalised) ``p`` in log base ``base``."""
+    p = np.clip(p, 1e-12, 1.0)
+    return -(p * np.log(p)).sum(0) / np.log(base)
+
+
+def dci_from_importance(r: np.ndarray) -> Dict[str, float]:
+    """D and C of Eastwood & Williams from an importance matrix ``r`` [codes D, factors K] (non-negative)."""
+    r = np.asarray(r, dtype=np.float64)
+    d_dims, k_factors = r.shape
+    total = r.sum()
+    if total <= 0:
+        return {"dci_d": 0.0, "dci_c": 0.0}
+    per_code = r.sum(1)
+    p_code = (r / np.clip(per_code[:, None], 1e-12, None)).T  # [K, D]: each code's importance over factors
+    d_each = 1.0 - _normalized_entropy(p_code, k_factors) if k_factors > 1 else np.ones(d_dims)
+    disentanglement = float((d_each * per_code / total).sum())
+    p_factor = r / np.clip(r.sum(0, keepdims=True), 1e-12, None)  # [D, K]: each factor's importance over codes
+    completeness = float((1.0 - _normalized_entropy(p_factor, d_dims)).mean()) if d_dims > 1 else 1.0
+    return {"dci_d": disentanglement, "dci_c": completeness}
+
+
+def dci(train_codes: torch.Tensor, train_factors: torch.Tensor, test_codes: torch.Tensor, test_factors: torch.Tensor,
+        seed: int = 0) -> Dict[str, float]:
+    """DCI disentanglement / completeness / informativeness (mean test accuracy of the per-factor probes)."""
+    importance, accs = [], []
+    for k in range(train_factors.shape[1]):
+        probe = fit_probe(train_codes, train_factors[:, k], seed=seed)
+        w = probe["w"]
+        importance.append((w - w.mean(1, keepdim=True)).abs().sum(1).numpy())
+        accs.append(probe_accuracy(probe, test_codes, test_factors[:, k]))
+    out = dci_from_importance(np.stack(importance, 1))
+    out["dci_i"] = float(np.mean(accs))
+    return out
+
+
+def sap(train_codes: np.ndarray, train_factors: np.ndarray, test_codes: np.ndarray, test_factors: np.ndarray,
+        bins: int = 20) -> Dict[str, float]:
+    """SAP: for each factor, the gap between the two code dimensions whose one-dimensional classifiers (majority
+    class per histogram bin, bins from the training codes) predict it best on the test set; averaged over factors."""
+    train_codes, test_codes = np.asarray(train_codes, dtype=np.float64), np.asarray(test_codes, dtype=np.float64)
+    train_factors, test_factors = np.asarray(train_factors), np.asarray(test_factors)
+    gaps = []
+    for k in range(train_factors.shape[1]):
+        n_cls = int(max(train_factors[:, k].max(), test_factors[:, k].max())) + 1
+        scores = []
+        for d in range(train_codes.shape[1]):
+            edges = np.histogram_bin_edges(train_codes[:, d], bins=bins)[1:-1]
+            b_tr, b_te = np.digitize(train_codes[:, d], edges), np.digitize(test_codes[:, d], edges)
+            counts = np.zeros((bins, n_cls))
+            np.add.at(counts, (b_tr, train_factors[:, k]), 1.0)
+            majority = np.where(counts.sum(1) > 0, counts.argmax(1), np.bincount(train_factors[:, k]).argmax())
+            scores.append(float((majority[b_te] == test_factors[:, k]).mean()))
+        top = sorted(scores, reverse=True) + [0.0]
+        gaps.append(top[0] - top[1])
+    return {"sap": float(np.mean(gaps))}
+
+
+def representation_metrics(train_codes: torch.Tensor, train_factors: torch.Tensor, test_codes: torch.Tensor,
+                           test_factors: torch.Tensor) -> Dict[str, float]:
+    """MIG (on the test codes), DCI and SAP of one representation against the factors, all on raw dimensions."""
+    out = {"dims": float(test_codes.shape[1])}
+    out.update({k: v for k, v in mutual_info_gap(test_codes.numpy(), test_factors.numpy()).items() if k == "mig"})
+    out.update(dci(train_codes, train_factors, test_codes, test_factors))
+    out.update(sap(train_codes.numpy(), train_factors.numpy(), test_codes.numpy(), test_factors.numpy()))
+    return out

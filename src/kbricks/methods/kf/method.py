@@ -1,14 +1,16 @@
 """Knowledge Factorization (Yang, Ye, Wang, ECCV 2022): one common-knowledge network (CKN) shared by all tasks
 and one task-specific network (TSN) per task, trained with the InfoMax-Bottleneck (IMB) objective.
 
-Factor network t = CKN + TSN_t:  logits_t = head_t(combine(z_c, z_t)),  z_c = CKN(x),  z_t ~ N(mu_t(x), sigma_t(x)^2).
+Factor network t = CKN + TSN_t:  logits_t = head_t(combine(z_c, z_t)),  z_c = CKN(x),  z_t from TSN_t(x).
 
-Loss, summed over tasks t:
-    kd_weight * T^2 KL(teacher_t^T || factor_t^T)      distillation of the teacher's task-t outputs
-  + ce_weight * CE(factor_t, y_t)                       hard labels where they exist
-  + beta      * KL(N(mu_t, sigma_t^2) || N(0, I))        bottleneck: minimise I(x; z_t) ...
-  + task_weight * CE(task_head_t(z_t), y_t)              ... while keeping z_t predictive of task t on its own
-plus infomax_weight * InfoNCE(g(z_c(view1)), g(z_c(view2)))  InfoMax: maximise I(x; z_c)
+Loss, summed over tasks t (docs/methods.md has every term next to the paper's and the official code's values):
+    kd_weight   * T^2 KL(teacher_t^T || factor_t^T)      distillation of the teacher's task-t outputs
+  + ce_weight   * CE(factor_t, y_t)                      hard labels where they exist (optionally label-smoothed)
+  + beta        * bottleneck(z_t)                        minimise I(x; z_t): per-sample VIB KL, or the official
+                                                         batch-statistics KL
+  + task_weight * task-only head loss on z_t alone       ... while keeping z_t predictive of task t
+plus infomax_weight * InfoMax(z_c)                       maximise I(x; z_c): the official teacher-vs-CKN bound at
+                                                         matched layers, or a two-view InfoNCE of the CKN
 
 Class-partition tasks get one extra "other" output: factor t is distilled towards the teacher's tempered
 distribution over [its classes, all other classes merged]. Its log-probabilities for its own classes are thereby
@@ -48,9 +50,38 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Te
     return F.cross_entropy(sim, target)
 
 
+def infomax_bound(u: torch.Tensor, v: torch.Tensor, bound: str = "official") -> torch.Tensor:
+    """Negative Donsker-Varadhan-style bound between paired rows of ``u`` (projected teacher features) and ``v``
+    (CKN features) with a fixed cosine critic S = norm(u) norm(v)^T, positives on the diagonal.
+
+    ``official``: as the official code computes it: joint = trace(S) / B^2 (the mean over all B^2 entries of S
+    masked to its diagonal) and marginal = mean over all B^2 entries of exp(S masked off the diagonal), the diagonal
+    contributing exp(0) = 1 each. ``dv``: the textbook bound, joint = trace(S) / B, marginal = mean of exp(S) over
+    the B(B-1) off-diagonal pairs. Loss = -(joint - log marginal)."""
+    s = F.normalize(u, dim=1, eps=1e-10) @ F.normalize(v, dim=1, eps=1e-10).t()
+    b = s.shape[0]
+    eye = torch.eye(b, dtype=torch.bool, device=s.device)
+    if bound == "official":
+        joint = s.diagonal().sum() / (b * b)
+        marginal = torch.where(eye, torch.ones_like(s), s.exp()).mean()
+    elif bound == "dv":
+        joint = s.diagonal().mean()
+        marginal = s.masked_select(~eye).exp().mean()
+    else:
+        raise ValueError(f"unknown InfoMax bound {bound!r} (official or dv)")
+    return -(joint - marginal.log())
+
+
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)), summed over dimensions, averaged over the batch."""
+    """KL(N(mu, exp(logvar)) || N(0, I)), summed over dimensions, averaged over the batch (per-sample VIB)."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1).mean()
+
+
+def batch_gaussian_kl(z: torch.Tensor) -> torch.Tensor:
+    """The official code's bottleneck: KL(N(mean_B(z), var_B(z)) || N(0, 1)) per dimension from the batch's
+    statistics (unbiased variance), averaged over dimensions."""
+    mu, var = z.mean(0), z.var(0, unbiased=True).clamp_min(1e-8)
+    return -0.5 * (1 + var.log() - mu.pow(2) - var).mean()
 
 
 def merge_other(logits: torch.Tensor, classes: Sequence[int], temperature: float) -> torch.Tensor:
@@ -69,39 +100,92 @@ def imb_loss(
     labels: Sequence[Optional[torch.Tensor]],
     mus: Sequence[torch.Tensor],
     logvars: Sequence[torch.Tensor],
-    views: Optional[Tuple[torch.Tensor, torch.Tensor]],
+    infomax: Optional[torch.Tensor] = None,
     temperature: float = 4.0,
     kd_weight: float = 1.0,
     ce_weight: float = 0.1,
     beta: float = 1e-3,
     infomax_weight: float = 0.1,
-    tau: float = 0.2,
     task_only_logits: Optional[Sequence[torch.Tensor]] = None,
     task_weight: float = 1.0,
+    bottleneck: str = "vib",
+    task_head_loss: str = "kd+ce",
+    label_smoothing: float = 0.0,
 ) -> Dict[str, torch.Tensor]:
-    """The InfoMax-Bottleneck objective; returns named terms (unweighted) and the weighted total ``loss``.
+    """The InfoMax-Bottleneck objective; returns the named terms (unweighted) and the weighted total ``loss``.
 
-    ``task_only_logits`` are predictions from z_t alone: distilled from the same teacher targets (and labels),
-    they keep the task-specific code informative about its task while the KL term squeezes the rest out."""
+    ``infomax``: the InfoMax loss already computed (its inputs depend on the variant), or None.
+    ``bottleneck``: ``vib`` = per-sample KL(N(mu, sigma^2) || N(0, I)); ``batch`` = the official batch-statistics KL
+    of the (deterministic) codes ``mus``. ``task_only_logits`` are predictions from z_t alone, trained towards the
+    same teacher targets and labels (``kd+ce``) or the labels only (``ce``, the official head)."""
+    ce_fn = lambda a, y: F.cross_entropy(a, y, label_smoothing=label_smoothing)  # noqa: E731
     kd = torch.stack([kd_loss(f, t, temperature) for f, t in zip(factor_logits, teacher_targets)]).sum()
-    ce_terms = [F.cross_entropy(f, y) for f, y in zip(factor_logits, labels) if y is not None]
-    ce = torch.stack(ce_terms).sum() if ce_terms else kd.new_zeros(())
-    kl = torch.stack([gaussian_kl(m, lv) for m, lv in zip(mus, logvars)]).sum()
-    nce = info_nce(views[0], views[1], tau) if views is not None and infomax_weight > 0 else kd.new_zeros(())
-    task = kd.new_zeros(())
-    if task_only_logits is not None and task_weight > 0:
-        task = torch.stack([
-            kd_loss(a, t, temperature) + (F.cross_entropy(a, y) if y is not None else 0.0)
-            for a, t, y in zip(task_only_logits, teacher_targets, labels)
-        ]).sum()
-    total = kd_weight * kd + ce_weight * ce + beta * kl + infomax_weight * nce + task_weight * task
-    return {"loss": total, "kd": kd.detach(), "ce": ce.detach(), "kl": kl.detach(), "infonce": nce.detach(), "task_only": task.detach()}
+    zero = kd.new_zeros(())
+    ce_terms = [ce_fn(f, y) for f, y in zip(factor_logits, labels) if y is not None]
+    ce = torch.stack(ce_terms).sum() if ce_terms else zero
+    if bottleneck == "vib":
+        kl = torch.stack([gaussian_kl(m, lv) for m, lv in zip(mus, logvars)]).sum()
+    elif bottleneck == "batch":
+        kl = torch.stack([batch_gaussian_kl(m) for m in mus]).sum()
+    else:
+        raise ValueError(f"unknown bottleneck {bottleneck!r} (vib or batch)")
+    im = infomax if infomax is not None else zero
+    task = zero
+    if task_only_logits is not None:
+        if task_head_loss not in ("kd+ce", "ce"):
+            raise ValueError(f"unknown task_head_loss {task_head_loss!r} (kd+ce or ce)")
+        terms = []
+        for a, t, y in zip(task_only_logits, teacher_targets, labels):
+            term = kd_loss(a, t, temperature) if task_head_loss == "kd+ce" else zero
+            terms.append(term + (ce_fn(a, y) if y is not None else zero))
+        task = torch.stack(terms).sum()
+    total = kd_weight * kd + ce_weight * ce + beta * kl + infomax_weight * im + task_weight * task
+    return {"loss": total, "kd": kd.detach(), "ce": ce.detach(), "bottleneck": kl.detach(), "infomax": im.detach(),
+            "task_only": task.detach()}
 
 
 # ---- modules -------------------------------------------------------------------------------------------------
 
 
+class LayerTap:
+    """Captures the outputs of named sub-modules on every forward pass, global-average-pooled to [B, C].
+
+    Works on any ``nn.Module``: layers are named as in ``module.named_modules()``."""
+
+    def __init__(self, module: nn.Module, names: Sequence[str], owner: str):
+        modules = dict(module.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            known = [n for n in modules if n][:12]
+            raise ConfigError(f"method.infomax_layers: {owner} has no layer {missing[0]!r}; its layers include {known}")
+        self.names = list(names)
+        self.outputs: Dict[str, torch.Tensor] = {}
+        for n in self.names:
+            modules[n].register_forward_hook(self._capture(n))
+
+    def _capture(self, name: str):
+        def hook(_module, _inputs, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            self.outputs[name] = out.flatten(2).mean(2) if out.dim() > 2 else out
+        return hook
+
+    def take(self) -> List[torch.Tensor]:
+        missing = [n for n in self.names if n not in self.outputs]
+        if missing:
+            raise ConfigError(f"method.infomax_layers: layer {missing[0]!r} did not run in the forward pass")
+        out = [self.outputs[n] for n in self.names]
+        self.outputs = {}
+        return out
+
+
+def projector(d_in: int, d_out: int) -> nn.Sequential:
+    """The official InfoMax projector g_l, applied to teacher features only: Linear -> BN -> ReLU -> Linear."""
+    return nn.Sequential(nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True), nn.Linear(d_out, d_out))
+
+
 # ---- the method ----------------------------------------------------------------------------------------------
+
+INFOMAX_DEFAULT_WEIGHT = {"teacher": 1.0, "views": 0.1}  # the official code's lambda_feat; kbricks round 1's InfoNCE weight
 
 
 @METHODS.register("kf", tags=("factorization",))
@@ -114,15 +198,30 @@ class KnowledgeFactorization(Method):
         temperature: float = Field(4.0, gt=0)
         kd_weight: float = Field(1.0, ge=0)
         ce_weight: float = Field(0.1, ge=0)
-        beta: float = Field(1e-3, ge=0, description="bottleneck weight on KL(q(z_t|x) || N(0, I))")
+        label_smoothing: float = Field(0.0, ge=0, lt=1, description="of every CE term (official code: 0.1)")
+        bottleneck: Literal["vib", "batch"] = Field(
+            "vib", description="vib: per-sample Gaussian KL of a sampled z_t; batch: the official batch-statistics KL of a deterministic z_t")
+        beta: float = Field(1e-3, ge=0, description="bottleneck weight")
         task_weight: float = Field(1.0, ge=0, description="weight of the task-only head on z_t (keeps z_t predictive)")
-        infomax_weight: float = Field(0.1, ge=0, description="weight of the InfoNCE term on the CKN")
-        tau: float = Field(0.2, gt=0, description="InfoNCE temperature")
-        proj_dim: int = Field(64, ge=1)
-        view_noise: float = Field(0.1, ge=0, description="Gaussian noise added to the second InfoNCE view")
+        task_head_loss: Literal["kd+ce", "ce"] = Field("kd+ce", description="what the task-only head learns (official: ce)")
+        infomax: Literal["teacher", "views"] = Field(
+            "teacher", description="teacher: the official bound between projected teacher features and CKN features; "
+                                   "views: InfoNCE between two augmented views through the CKN")
+        infomax_weight: Optional[float] = Field(
+            None, ge=0, description="weight of the InfoMax term on the CKN; default: 1.0 for teacher (official), 0.1 for views")
+        infomax_bound: Literal["official", "dv"] = Field("official", description="infomax=teacher: the code's normalisation or textbook DV")
+        infomax_layers: List[Tuple[str, str]] = Field(
+            default_factory=list,
+            description="infomax=teacher: [teacher layer, CKN layer] pairs (names from named_modules(), outputs average-pooled); "
+                        "empty: the final features of both")
+        tau: float = Field(0.2, gt=0, description="infomax=views: InfoNCE temperature")
+        proj_dim: int = Field(64, ge=1, description="infomax=views: projection size")
+        view_noise: float = Field(0.1, ge=0, description="infomax=views: Gaussian noise added to the second view")
 
     def __init__(self, params: "KnowledgeFactorization.Config", ctx: MethodContext):
         super().__init__()
+        if params.infomax_weight is None:
+            params = params.model_copy(update={"infomax_weight": INFOMAX_DEFAULT_WEIGHT[params.infomax]})
         self.params, self.tasks, self.transform, self.cfg = params, ctx.tasks, ctx.transform, ctx.cfg
         self.shape = {"in_channels": ctx.train.in_channels, "image_size": ctx.train.image_size}
         self.num_classes = ctx.train.num_classes
@@ -139,11 +238,49 @@ class KnowledgeFactorization(Method):
             for t in self.tasks
         ]
         self.factors = FactorNetworks(ckn, tsns)
-        d = ckn.feature_dim
-        self.projector = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, params.proj_dim))
+        self.teacher_tap = self.ckn_tap = None
+        if params.infomax_weight > 0 and params.infomax == "views":
+            d = ckn.feature_dim
+            self.projector = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, params.proj_dim))
+        elif params.infomax_weight > 0:
+            self.projectors = self._build_teacher_projectors(ctx)
 
-    def teacher_targets(self, x: torch.Tensor) -> List[torch.Tensor]:
-        out = self.teacher(x)
+    def _build_teacher_projectors(self, ctx: MethodContext) -> nn.ModuleList:
+        """One projector per matched layer pair, sized by a probe forward pass (the CKN in eval mode, so its
+        BatchNorm statistics are untouched)."""
+        layers = self.params.infomax_layers
+        if layers:
+            self.teacher_tap = LayerTap(self.teacher.net, [t for t, _ in layers], "the teacher")
+            self.ckn_tap = LayerTap(self.factors.ckn, [c for _, c in layers], "the CKN")
+        elif not hasattr(self.teacher.net, "features"):
+            raise ConfigError("method.infomax=teacher needs a teacher with features(x) or method.infomax_layers")
+        probe = torch.zeros(2, ctx.train.in_channels, ctx.train.image_size, ctx.train.image_size)
+        ckn = self.factors.ckn
+        with torch.no_grad():
+            was = ckn.training
+            ckn.eval()
+            t_feats, c_feats = self._infomax_features(self.transform(probe, train=False) if self.transform else probe)
+            ckn.train(was)
+        return nn.ModuleList(projector(t.shape[1], c.shape[1]) for t, c in zip(t_feats, c_feats))
+
+    def _infomax_features(self, x: torch.Tensor, z_c: Optional[torch.Tensor] = None, teacher_out=None):
+        """(teacher features, CKN features) at the matched layers. With taps, the forward passes that already ran
+        (``z_c``, ``teacher_out``) filled them; otherwise the final features are used."""
+        if self.teacher_tap is not None:
+            if teacher_out is None:
+                self.teacher(x)
+            if z_c is None:
+                self.factors.ckn.features(x)
+            return self.teacher_tap.take(), self.ckn_tap.take()
+        return [self.teacher.features(x)], [self.factors.ckn.features(x) if z_c is None else z_c]
+
+    @property
+    def assembly_temperature(self) -> float:
+        """The temperature at which a factor's outputs are calibrated against the teacher: T when distilled, 1 when
+        trained on hard labels only (kd_weight = 0)."""
+        return self.params.temperature if self.params.kd_weight > 0 else 1.0
+
+    def teacher_targets(self, out) -> List[torch.Tensor]:
         targets = []
         for t in self.tasks:
             logits = task_logits(out, t, self.teacher.task_names) if t.latent is not None else out
@@ -170,21 +307,32 @@ class KnowledgeFactorization(Method):
         p = self.params
         x = batch.x
         n = x.shape[0]
-        use_views = p.infomax_weight > 0
-        z_all = self.factors.ckn.features(torch.cat([x, self.second_view(batch)]) if use_views else x)
+        two_views = p.infomax_weight > 0 and p.infomax == "views"
+        z_all = self.factors.ckn.features(torch.cat([x, self.second_view(batch)]) if two_views else x)
         z_c = z_all[:n]
-        logits, mus, logvars, task_only = self.factors.tsn_outputs(x, z_c, sample=True)
-        views = (self.projector(z_c), self.projector(z_all[n:])) if use_views else None
-        return imb_loss(
-            logits, self.teacher_targets(x), self.task_labels(batch), mus, logvars, views,
-            p.temperature, p.kd_weight, p.ce_weight, p.beta, p.infomax_weight, p.tau, task_only, p.task_weight,
+        # batch bottleneck: deterministic codes (the official TSN); vib: z_t sampled by reparameterisation
+        logits, mus, logvars, task_only = self.factors.tsn_outputs(x, z_c, sample=p.bottleneck == "vib")
+        teacher_out = self.teacher(x)
+        infomax = None
+        if two_views:
+            infomax = info_nce(self.projector(z_c), self.projector(z_all[n:]), p.tau)
+        elif p.infomax_weight > 0:
+            t_feats, c_feats = self._infomax_features(x, z_c, teacher_out)
+            infomax = torch.stack([infomax_bound(g(t), c, p.infomax_bound) for g, t, c in zip(self.projectors, t_feats, c_feats)]).mean()
+        out = imb_loss(
+            logits, self.teacher_targets(teacher_out), self.task_labels(batch), mus, logvars, infomax,
+            p.temperature, p.kd_weight, p.ce_weight, p.beta, p.infomax_weight, task_only, p.task_weight,
+            p.bottleneck, p.task_head_loss, p.label_smoothing,
         )
+        if p.bottleneck == "batch":  # the log-variance heads are unused: keep them in the graph for DDP
+            out["loss"] = out["loss"] + 0.0 * sum(lv.sum() for lv in logvars)
+        return out
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor):
         logits = self.factors(x)
         if all(t.classes is not None for t in self.tasks):
-            return combined_class_scores(logits, self.tasks, self.num_classes, [self.params.temperature] * len(self.tasks))
+            return combined_class_scores(logits, self.tasks, self.num_classes, [self.assembly_temperature] * len(self.tasks))
         return logits
 
     def export_module(self) -> nn.Module:
@@ -223,4 +371,4 @@ class ExportBricks(Hook):
         }
         metrics = {k.split("/", 1)[1]: v for k, v in card["metrics"]["final"].items()}
         export_bricks(m.factors, m.tasks, run_dir / "bricks", ckn_arch, tsn_arch, m.num_classes, card["classes"], card["normalize"],
-                      provenance, metrics, temperature=p.temperature)
+                      provenance, metrics, temperature=m.assembly_temperature)

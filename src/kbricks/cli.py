@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("study", help="multi-seed studies: kf (teacher -> KF -> KD -> report), cl (SupSup vs ImpressLearn), sskt")
     st.add_argument("kind", choices=["kf", "cl", "sskt"])
     st.add_argument("--dataset", choices=["digits", "mnist5k", "dsprites"], help="kf only")
-    st.add_argument("--scenario", choices=["permuted", "rotated"], default="permuted", help="cl only")
+    st.add_argument("--scenario", choices=["permuted", "rotated", "split", "scale"], default="permuted", help="cl only")
     st.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     st.add_argument("--out", default="results/runs")
     st.add_argument("--quick", action="store_true", help="small budgets (smoke test)")

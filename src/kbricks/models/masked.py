@@ -78,8 +78,13 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 class MaskBank(nn.Module):
     """The binary masks stored for one layer: packed 1 bit per weight, appended with capacity doubling (amortised
-    O(N) per mask), saved in checkpoints packed. A float view of the whole bank, needed only for task inference
-    and combinations, is built once and extended incrementally."""
+    O(N) per mask), saved in checkpoints packed. Reading one mask unpacks one row (cost independent of the bank
+    size). Superpositions and per-mask dot products (task inference, combinations) read the bank as a float
+    matrix, built once and extended incrementally while it fits in ``float_cache_bytes``; a larger bank is
+    streamed in unpacked blocks instead (same results, memory bounded)."""
+
+    float_cache_bytes = 512 * 2**20  # per bank
+    block_rows = 64  # rows unpacked at a time when streaming
 
     def __init__(self, shape: Sequence[int]):
         super().__init__()
@@ -117,8 +122,14 @@ class MaskBank(nn.Module):
     def packed(self) -> torch.Tensor:
         return self._packed[: self.count]
 
+    def float_cached(self) -> bool:
+        """Whether the float view of the whole bank is kept in memory (else it is streamed in blocks)."""
+        return 4 * self.numel * max(4, self._packed.shape[0]) <= self.float_cache_bytes
+
     def as_float(self) -> torch.Tensor:
         """[count, numel] float32 0/1 matrix, cached; new masks are unpacked into spare capacity, not re-cast."""
+        if not self.float_cached():
+            return unpack_bits(self.packed(), self.numel).float()
         if self._float is None or self._float.shape[0] < self.count or self._float.device != self._packed.device:
             cap = max(4, self._packed.shape[0])
             grown = torch.empty(cap, self.numel, device=self._packed.device)
@@ -132,10 +143,37 @@ class MaskBank(nn.Module):
             self._float_rows = self.count
         return self._float[: self.count]
 
+    def blocks(self, rows: Optional[int] = None) -> Iterator[tuple]:
+        """(first slot, [n, numel] float block) over the first ``rows`` stored masks: the cached view in one block,
+        or unpacked ``block_rows`` at a time."""
+        rows = self.count if rows is None else rows
+        if self.float_cached():
+            yield 0, self.as_float()[:rows]
+            return
+        for start in range(0, rows, self.block_rows):
+            yield start, unpack_bits(self._packed[start: min(rows, start + self.block_rows)], self.numel).float()
+
+    def combine(self, weights: torch.Tensor) -> torch.Tensor:
+        """sum_i weights[i] * mask_i over the first ``len(weights)`` masks, in the layer's shape (differentiable
+        in ``weights``)."""
+        n = weights.shape[0]
+        out: Optional[torch.Tensor] = None
+        for start, block in self.blocks(n):
+            part = weights[start: start + block.shape[0]].to(block.dtype) @ block
+            out = part if out is None else out + part
+        if out is None:
+            out = weights.new_zeros(self.numel)
+        return out.view(self.shape)
+
+    def dots(self, g: torch.Tensor) -> torch.Tensor:
+        """<mask_i, g> for every stored mask: [count]."""
+        flat = g.reshape(-1).to(torch.float32)
+        return torch.cat([block @ flat for _, block in self.blocks()]) if self.count else flat.new_zeros(0)
+
     def total(self) -> torch.Tensor:
         """Sum of the stored masks (the uniform superposition times ``count``), cached."""
         if self._sum is None:
-            self._sum = self.as_float().sum(0).view(self.shape)
+            self._sum = self.combine(torch.ones(self.count, device=self._packed.device))
         return self._sum
 
     def drop_caches(self) -> None:
@@ -194,8 +232,7 @@ class Combination(MaskSource):
         self.alpha = alpha
 
     def mask(self, index: int, layer: "MaskedLayer") -> torch.Tensor:
-        a = self.alpha[index]
-        return (a.to(layer.weight.dtype) @ layer.bank.as_float()[: a.shape[0]]).view(layer.bank.shape)
+        return layer.bank.combine(self.alpha[index])
 
 
 class FixedMasks(MaskSource):
@@ -283,6 +320,8 @@ class TaskBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(1, channels))
         self.register_buffer("running_var", torch.ones(1, channels))
         self.slot = 0
+        self.mode = "running"  # or "batch" / "calibrate": see SupermaskNet.batch_statistics / calibrating
+        self.seen = 0
 
     @property
     def slots(self) -> int:
@@ -303,7 +342,20 @@ class TaskBatchNorm(nn.Module):
             self.running_var = self.running_var.new_ones(n, self.channels)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def reset_slot(self, slot: int) -> None:
+        current = self.slot
+        self.use_slot(slot)  # grows the buffers when needed
+        self.slot = current
+        self.running_mean[slot].zero_()
+        self.running_var[slot].fill_(1.0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "batch":  # this batch's own statistics; nothing stored is read or changed
+            return F.batch_norm(x, None, None, training=True, eps=self.eps)
+        if self.mode == "calibrate":  # cumulative average of the batches seen since calibration began
+            self.seen += 1
+            return F.batch_norm(x, self.running_mean[self.slot], self.running_var[self.slot], training=True,
+                                momentum=1.0 / self.seen, eps=self.eps)
         # F.batch_norm updates the slot's row in place (a view of the buffer)
         return F.batch_norm(x, self.running_mean[self.slot], self.running_var[self.slot], training=self.training,
                             momentum=self.momentum, eps=self.eps)
@@ -354,6 +406,33 @@ class SupermaskNet(nn.Module):
             for bn, s in zip(self._bns, prev_slot):
                 bn.slot = s
 
+    @contextmanager
+    def batch_statistics(self) -> Iterator["SupermaskNet"]:
+        """Within the block every BatchNorm normalises with the statistics of the batch itself and no stored
+        statistics are read or changed (scoring candidate masks, test-time adaptation, task inference)."""
+        with self._bn_mode("batch"):
+            yield self
+
+    @contextmanager
+    def calibrating(self, task: int) -> Iterator["SupermaskNet"]:
+        """Within the block, forwards (with ``task``) re-estimate that task's BatchNorm statistics from scratch as
+        the plain average over the batches run (after choosing a different mask for a task)."""
+        for bn in self._bns:
+            bn.reset_slot(task)
+        with self._bn_mode("calibrate"):
+            yield self
+
+    @contextmanager
+    def _bn_mode(self, mode: str) -> Iterator[None]:
+        prev = [(bn.mode, bn.seen) for bn in self._bns]
+        try:
+            for bn in self._bns:
+                bn.mode, bn.seen = mode, 0
+            yield
+        finally:
+            for bn, (m, n) in zip(self._bns, prev):
+                bn.mode, bn.seen = m, n
+
     def new_scores(self, generator: Optional[torch.Generator] = None) -> List[nn.Parameter]:
         return [layer.new_scores(generator) for layer in self._layers]
 
@@ -374,6 +453,13 @@ class SupermaskNet(nn.Module):
 
     def weights_per_mask(self) -> int:
         return sum(layer.weight.numel() for layer in self._layers)
+
+    def mask_bytes(self) -> int:
+        """Bytes one stored mask takes in the banks (1 bit per weight, each layer padded to whole bytes)."""
+        return sum(layer.bank.nbytes for layer in self._layers)
+
+    def batchnorms(self) -> List[TaskBatchNorm]:
+        return self._bns
 
     def bn_values_per_task(self) -> int:
         return sum(2 * bn.channels for bn in self._bns)

@@ -67,7 +67,10 @@ def test_every_task_bn_slot_is_updated_by_its_own_training_and_nothing_else(meth
         def on_task_end(self, trainer, task, metrics):
             events.append(("evaluated", None, bn_state(s)))
 
-    ContinualTrainer(exp, RunDirectory.open(tmp_path / "run", "runs", "x", 0, resume=False), [AfterEvaluation()]).fit()
+    result = ContinualTrainer(exp, RunDirectory.open(tmp_path / "run", "runs", "x", 0, resume=False), [AfterEvaluation()]).fit()
+    if method == "supsup":  # per-task statistics: nothing is forgotten, to the bit
+        assert result["forgetting"] == 0.0 and result["bwt"] == 0.0
+        assert result["bn_bytes_per_task"] == 4 * 2 * (8 + 16) and result["bytes_per_task"] == result["bytes_per_mask"] + 4 * 2 * (8 + 16)
     previous = [(torch.zeros(0, bn.channels), torch.ones(0, bn.channels)) for bn in s.net.batchnorms()]  # no slot yet
     trained = set()
     for what, task, snap in events:
@@ -82,16 +85,13 @@ def test_every_task_bn_slot_is_updated_by_its_own_training_and_nothing_else(meth
     assert [bn.running_mean.shape[0] for bn in s.net.batchnorms()] == [len(exp.scenario)] * 2
 
 
-def test_shared_batchnorm_statistics_forget_and_per_task_statistics_do_not(tmp_path):
+def test_shared_batchnorm_statistics_forget(tmp_path):
     """The failure mode of SupSup issue #11: with one set of BN statistics for every task, learning later tasks
-    changes the earlier ones (forgetting > 0); per-task statistics keep them exactly."""
+    changes the earlier ones (per-task statistics keep them exactly: the test above)."""
     from kbricks.engine.continual import run_continual
 
     shared = run_continual(split_conv(**{"method.batchnorm": "shared"}), tmp_path / "shared")
-    own = run_continual(split_conv(), tmp_path / "own")
-    assert own["forgetting"] == 0.0 and own["bwt"] == 0.0
-    assert shared["forgetting"] > 0.02
-    assert shared["bn_bytes_per_task"] == 0 and own["bn_bytes_per_task"] == 4 * 2 * (8 + 16)
+    assert shared["forgetting"] > 0.02 and shared["bn_bytes_per_task"] == 0
 
 
 def test_batch_statistics_and_calibration_contexts():

@@ -110,9 +110,9 @@ def run_cl_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Call
     minutes: Dict[str, float] = {}
     seeds_out: List[Dict[str, Any]] = []
 
-    def train(part: str, config: str, name: str, over: Sequence[str]) -> Dict[str, Any]:
+    def train(part: str, config: str, name: str, over: Sequence[str], quick_extra: Sequence[str] = ()) -> Dict[str, Any]:
         t0 = time.time()
-        r = train_or_reuse(root / config, out / name, [*quick_over, *over])
+        r = train_or_reuse(root / config, out / name, [*quick_over, *(quick_extra if quick else []), *over])  # budgets first
         minutes[part] = minutes.get(part, 0.0) + (time.time() - t0) / 60
         return r
 
@@ -145,7 +145,7 @@ def run_cl_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Call
                 else:
                     over += ["method.source=random"]
                 name = donor if (kind == "homogeneous" and k == kmax) else f"il-{kind}-k{k}-seed{seed}"
-                r = compact(train(f"impresslearn/{kind}", spec.impresslearn, name, over + (spec.quick_il if quick else [])))
+                r = compact(train(f"impresslearn/{kind}", spec.impresslearn, name, over, spec.quick_il))
                 impression_tasks = spread(T, k) if kind == "heterogeneous" else ([0] if kind == "homogeneous" else [])
                 new = [j for j in range(T) if j not in impression_tasks]
                 r["new_tasks"] = new

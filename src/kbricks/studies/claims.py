@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .cl import CL_CLAIMS, run_cl_study
+from .cl import CL_CLAIMS, CL_STUDIES, run_cl_study
 from .common import read_study
 from .kf import KF_CLAIMS, run_kf_study
 from .sskt import SSKT_CLAIMS, run_sskt_study
@@ -68,8 +68,8 @@ def reproduce(quick: bool, out: Path = Path("results"), log: Callable[[str], Non
     seeds3 = [0, 1, 2]
     for dataset in (("digits", "dsprites") if quick else ("digits", "mnist5k", "dsprites")):
         run_kf_study(dataset, seeds3, runs, quick=quick, log=log, configs=configs)
-    run_cl_study(seeds3, runs, quick=quick, log=log, configs=configs)
-    run_cl_study(seeds3, runs, quick=quick, log=log, scenario="rotated", configs=configs)
+    for scenario in (("permuted", "rotated") if quick else CL_STUDIES):
+        run_cl_study(seeds3, runs, quick=quick, log=log, scenario=scenario, configs=configs)
     run_sskt_study(seeds3 if quick else [0, 1, 2, 3, 4], runs, quick=quick, log=log, configs=configs)
     log(f"[reproduce] studies took {(time.time() - t0) / 60:.1f} minutes")
     if not quick:

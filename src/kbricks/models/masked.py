@@ -59,6 +59,7 @@ def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
 # ---- packed mask storage -------------------------------------------------------------------------------------
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+_BYTE_BITS = torch.tensor([[(v >> (7 - k)) & 1 for k in range(8)] for v in range(256)], dtype=torch.float32)  # [256, 8]
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -70,21 +71,32 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return (flat.view(-1, 8) * _BIT_WEIGHTS.to(flat.device)).sum(1, dtype=torch.uint8)
 
 
+def byte_bits(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[256, 8]: the bits of every byte value, most significant first."""
+    return _BYTE_BITS.to(device=device, dtype=dtype)
+
+
+def unpack_float(packed: torch.Tensor, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`pack_bits` as 0/1 values over the last dimension: [..., ceil(numel/8)] uint8 -> [..., numel]
+    (one table lookup per byte)."""
+    return F.embedding(packed.long(), byte_bits(packed.device, dtype)).flatten(-2)[..., :numel]
+
+
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits` over the last dimension: [..., ceil(numel/8)] uint8 -> [..., numel] bool."""
-    bits = packed.unsqueeze(-1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
-    return bits.flatten(-2)[..., :numel]
+    return unpack_float(packed, numel) > 0
 
 
 class MaskBank(nn.Module):
     """The binary masks stored for one layer: packed 1 bit per weight, appended with capacity doubling (amortised
     O(N) per mask), saved in checkpoints packed. Reading one mask unpacks one row (cost independent of the bank
     size). Superpositions and per-mask dot products (task inference, combinations) read the bank as a float
-    matrix, built once and extended incrementally while it fits in ``float_cache_bytes``; a larger bank is
-    streamed in unpacked blocks instead (same results, memory bounded)."""
+    matrix, built once and extended incrementally while it fits in ``float_cache_bytes``; a larger bank is read
+    from the packed bytes directly, ``block_rows`` at a time, through per-byte lookup tables (a dot product with
+    a mask is a sum over its bytes of the byte's partial sum), so memory stays at 1 bit per weight."""
 
     float_cache_bytes = 512 * 2**20  # per bank
-    block_rows = 64  # rows unpacked at a time when streaming
+    block_rows = 64  # rows read at a time when streaming
 
     def __init__(self, shape: Sequence[int]):
         super().__init__()
@@ -117,7 +129,7 @@ class MaskBank(nn.Module):
         """Mask ``i`` unpacked, in the layer's shape (one row is read: cost independent of the bank size)."""
         if not 0 <= i < self.count:
             raise IndexError(f"mask slot {i} out of range: {self.count} masks stored")
-        return unpack_bits(self._packed[i], self.numel).view(self.shape).to(dtype)
+        return unpack_float(self._packed[i], self.numel, dtype).view(self.shape)
 
     def packed(self) -> torch.Tensor:
         return self._packed[: self.count]
@@ -129,7 +141,7 @@ class MaskBank(nn.Module):
     def as_float(self) -> torch.Tensor:
         """[count, numel] float32 0/1 matrix, cached; new masks are unpacked into spare capacity, not re-cast."""
         if not self.float_cached():
-            return unpack_bits(self.packed(), self.numel).float()
+            return unpack_float(self.packed(), self.numel)
         if self._float is None or self._float.shape[0] < self.count or self._float.device != self._packed.device:
             cap = max(4, self._packed.shape[0])
             grown = torch.empty(cap, self.numel, device=self._packed.device)
@@ -139,7 +151,7 @@ class MaskBank(nn.Module):
                 self._float_rows = 0
             self._float = grown
         if self._float_rows < self.count:
-            self._float[self._float_rows: self.count] = unpack_bits(self._packed[self._float_rows: self.count], self.numel).float()
+            self._float[self._float_rows: self.count] = unpack_float(self._packed[self._float_rows: self.count], self.numel)
             self._float_rows = self.count
         return self._float[: self.count]
 
@@ -151,12 +163,25 @@ class MaskBank(nn.Module):
             yield 0, self.as_float()[:rows]
             return
         for start in range(0, rows, self.block_rows):
-            yield start, unpack_bits(self._packed[start: min(rows, start + self.block_rows)], self.numel).float()
+            yield start, unpack_float(self._packed[start: min(rows, start + self.block_rows)], self.numel)
+
+    def _byte_view(self, x: torch.Tensor) -> torch.Tensor:
+        """A flat length-numel tensor as [bytes, 8] (zero-padded), aligned with the packed bytes."""
+        flat = x.reshape(-1).to(torch.float32)
+        return F.pad(flat, (0, 8 * self.nbytes - self.numel)).view(self.nbytes, 8)
 
     def combine(self, weights: torch.Tensor) -> torch.Tensor:
         """sum_i weights[i] * mask_i over the first ``len(weights)`` masks, in the layer's shape (differentiable
         in ``weights``)."""
         n = weights.shape[0]
+        if not self.float_cached() and not weights.requires_grad and n:
+            # per byte position b: H[b, v] = total weight of the masks whose byte b is v; the result is H @ bits
+            hist = torch.zeros(self.nbytes, 256, device=self._packed.device)
+            w = weights.detach().to(torch.float32)
+            for start in range(0, n, self.block_rows):
+                block = self._packed[start: min(n, start + self.block_rows)]
+                hist.scatter_add_(1, block.t().long(), w[start: start + block.shape[0]].expand(self.nbytes, -1))
+            return (hist @ byte_bits(hist.device)).reshape(-1)[: self.numel].view(self.shape)
         out: Optional[torch.Tensor] = None
         for start, block in self.blocks(n):
             part = weights[start: start + block.shape[0]].to(block.dtype) @ block
@@ -167,8 +192,15 @@ class MaskBank(nn.Module):
 
     def dots(self, g: torch.Tensor) -> torch.Tensor:
         """<mask_i, g> for every stored mask: [count]."""
-        flat = g.reshape(-1).to(torch.float32)
-        return torch.cat([block @ flat for _, block in self.blocks()]) if self.count else flat.new_zeros(0)
+        if not self.count:
+            return g.new_zeros(0)
+        if self.float_cached():
+            return self.as_float() @ g.reshape(-1).to(torch.float32)
+        # per byte position b and byte value v, the sum of g over the bits of v: each mask is then nbytes lookups
+        table = self._byte_view(g) @ byte_bits(g.device).t()  # [nbytes, 256]
+        out = [torch.gather(table, 1, self._packed[s: min(self.count, s + self.block_rows)].t().long()).sum(0)
+               for s in range(0, self.count, self.block_rows)]
+        return torch.cat(out)
 
     def total(self) -> torch.Tensor:
         """Sum of the stored masks (the uniform superposition times ``count``), cached."""

@@ -49,11 +49,12 @@ class Scenario:
     quick: List[str] = field(default_factory=list)  # overrides of every run in --quick
     quick_il: List[str] = field(default_factory=lambda: ["method.alpha_epochs=1", "inference.refit_trials_per_task=2"])  # ImpressLearn runs
     quick_ks: Sequence[int] = (1, 2)
+    g_objective: bool = False  # also SupSup's GNu setting: a 100-output superfluous-neuron head, inference by G
 
 
 CL_SCENARIOS: Dict[str, Scenario] = {
     "permuted": Scenario("PermutedMNIST-5k", "continual/supsup_permuted.yaml", "continual/impresslearn_permuted.yaml",
-                         "continual/finetune_permuted.yaml", compare=("heterogeneous", 3), authors_k=3,
+                         "continual/finetune_permuted.yaml", compare=("heterogeneous", 3), authors_k=3, g_objective=True,
                          quick=["data.scenario.num_tasks=4", "train.epochs=2", "inference.trials_per_task=3"]),
     "rotated": Scenario("RotatedMNIST-5k in 10° steps", "continual/supsup_rotated.yaml", "continual/impresslearn_rotated.yaml",
                         "continual/finetune_rotated.yaml", compare=("heterogeneous", 10), authors_k=5,
@@ -108,12 +109,15 @@ def run_cl_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Call
     compare = ("heterogeneous", max(ks)) if quick else tuple(spec.compare)
     t_start = time.time()
     minutes: Dict[str, float] = {}
+    wall: Dict[str, float] = {}
     seeds_out: List[Dict[str, Any]] = []
 
     def train(part: str, config: str, name: str, over: Sequence[str], quick_extra: Sequence[str] = ()) -> Dict[str, Any]:
         t0 = time.time()
         r = train_or_reuse(root / config, out / name, [*quick_over, *(quick_extra if quick else []), *over])  # budgets first
-        minutes[part] = minutes.get(part, 0.0) + (time.time() - t0) / 60
+        wall[part] = wall.get(part, 0.0) + (time.time() - t0) / 60
+        # the run's own record of its training and inference time (the same when a finished run is reused)
+        minutes[part] = minutes.get(part, 0.0) + (r.get("train_seconds", 0.0) + r.get("inference_seconds", 0.0)) / 60
         return r
 
     for seed in seeds:
@@ -126,6 +130,9 @@ def run_cl_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Call
         rec["finetune"] = compact(train("finetune", spec.finetune, f"finetune-seed{seed}", base + [f"name=finetune-{scenario}", "inference=null"]))
         log(f"[cl:{scenario}] seed {seed}: dense fine-tuning avg acc {rec['finetune']['avg_acc']:.4f}, forgetting {rec['finetune']['forgetting']:.4f}")
         rec["impression_alone"] = impression_alone(out / f"supsup-seed{seed}")
+        if spec.g_objective and not quick:
+            rec["supsup_g"] = compact(train("supsup/G objective", spec.supsup, f"supsup-g-seed{seed}", base + [
+                f"name=supsup-g-{scenario}", "method.outputs=100", "inference.objective=g"]))
 
         kmax = max(ks)
         donor = f"il-homogeneous-k{kmax}-seed{seed}"
@@ -167,7 +174,8 @@ def run_cl_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Call
 
     summary = {"study": f"cl-{scenario}", "title": spec.title, "seeds": list(seeds), "quick": quick, "ks": list(ks),
                "compare": list(compare), "minutes": round((time.time() - t_start) / 60, 2),
-               "minutes_by_part": {k: round(v, 2) for k, v in minutes.items()}, "runs": seeds_out}
+               "minutes_by_part": {k: round(v, 2) for k, v in minutes.items()},
+               "wall_minutes_this_call": {k: round(v, 2) for k, v in wall.items()}, "runs": seeds_out}
     write_study(out / "study.json", summary)
     plot_accuracy_vs_k(summary, out / f"cl_{scenario}_accuracy_vs_k.png")
     return summary
@@ -407,8 +415,8 @@ def scenario_tables(runs: Path, scenario: str) -> List[str]:
     T = len(rec0["supsup"]["final_accs"])
     mins = st.get("minutes_by_part", {})
     lines = [f"## Continual learning on {st['title']}", "",
-             f"{n} seeds (mean ± std), {T} tasks; `kbricks study cl --scenario {scenario}` took {st['minutes']:.1f} minutes "
-             f"({', '.join(f'{k} {v:.1f}' for k, v in mins.items())}).", "",
+             f"{n} seeds (mean ± std), {T} tasks. Training + inference time of the study's runs, summed over seeds (1 thread, "
+             f"2-core CPU shared with other jobs): {sum(mins.values()):.0f} minutes ({', '.join(f'{k} {v:.1f}' for k, v in mins.items())}).", "",
              "| method | avg accuracy % | forgetting (points) | BWT (points) | stored per task | bytes per task | shared |",
              "|---|---|---|---|---|---|---|"]
 
@@ -478,10 +486,16 @@ def missing_id_table(st: Dict[str, Any]) -> List[str]:
 
     row("SupSup one-shot", ("supsup",), "one_shot")
     row("SupSup binary", ("supsup",), "binary")
+    if "supsup_g" in st["runs"][0]:
+        row("SupSup one-shot, G objective (100 outputs)", ("supsup_g",), "one_shot")
+        row("SupSup binary, G objective (100 outputs)", ("supsup_g",), "binary")
     for rule, name in (("one_shot", "one-shot over combined masks"), ("binary", "binary over combined masks"),
                        ("refit_uniform", "re-fit alpha from 1/k"), ("refit_nearest", "re-fit alpha from the nearest stored alpha")):
         if any(key.startswith(f"gns_acc/{rule}/") for key in il):
             row(f"ImpressLearn {name}", ("impresslearn", kind, str(k)), rule)
+    if "supsup_g" in st["runs"][0]:
+        lines += ["", f"SupSup with the superfluous-neuron head (GG accuracy {fmt(_ms(st, ('supsup_g', 'avg_acc')))}%, "
+                  f"{_ms(st, ('supsup_g', 'params_per_task'))['mean']:,.0f} mask bits per task)."]
     first = _ms(st, ("supsup", "task_inference/one_shot/first_image"))
     if first:
         lines += ["", f"SupSup one-shot from each task's first test image alone (one fixed image per task, as the SupSup notebook "

@@ -84,6 +84,7 @@ class ImpressLearn(ContinualStrategy):
         self.alpha: Optional[nn.Parameter] = None
         self.alphas: Dict[int, torch.Tensor] = {}  # task -> [layers, k]
         self.fit_info: Dict[int, torch.Tensor] = {}  # task -> [start (-1: 1/k), best candidate acc, learned acc, kept learned]
+        self._start = -1  # the current alpha stage's start (-1: 1/k, else an impression)
         self.learned = 0  # tasks finished
         self._candidates: Optional[List] = None  # (name, alpha, (acc, ce)) scored for the current alpha stage
         self._cached = None  # ((task, masks stored), CachedWeights) of the last evaluated task
@@ -151,9 +152,11 @@ class ImpressLearn(ContinualStrategy):
             return list(self.scores)
         self._candidates = None
         p = self.params
-        start = self.one_hot(self.own_slot[stage.task]) if p.start_at_optimal and stage.task in self.own_slot else self.uniform()
+        own = self.own_slot.get(stage.task)
+        self._start, start = (own, self.one_hot(own)) if p.start_at_optimal and own is not None else (-1, self.uniform())
         if p.alpha_init == "best":
-            start = max(self.candidates(stage.task), key=lambda c: (c[2][0], -c[2][1]))[1]
+            name, start, _ = max(self.candidates(stage.task), key=lambda c: (c[2][0], -c[2][1]))
+            self._start = -1 if name == "uniform" else int(name[len("impression"):])
         self.alpha = nn.Parameter(start.clone())
         return [self.alpha]
 
@@ -180,14 +183,13 @@ class ImpressLearn(ContinualStrategy):
             self.scores = nn.ParameterList()
         else:
             t, learned = stage.task, self.alpha.detach().clone()
-            best_name, best_alpha, (best_acc, _) = max(self.candidates(t), key=lambda c: (c[2][0], -c[2][1]))
+            _, best_alpha, (best_acc, _) = max(self.candidates(t), key=lambda c: (c[2][0], -c[2][1]))
             (learned_acc, _), = self.score_sources([CachedWeights(self.net, Combination(learned))], t, self.params.select_images)
             keep = not self.params.keep_best or learned_acc >= best_acc
             if not keep:
                 learned = best_alpha.clone()
                 self.calibrate_batchnorm(CachedWeights(self.net, Combination(learned)), t, self.params.select_images)
-            start = -1 if best_name == "uniform" else int(best_name[len("impression"):])
-            self.fit_info[t] = torch.tensor([start, best_acc, learned_acc, float(keep)])
+            self.fit_info[t] = torch.tensor([self._start, best_acc, learned_acc, float(keep)])
             self.alphas[t] = learned
             self.alpha, self._candidates, self._cached = None, None, None
         super().end_stage(stage)

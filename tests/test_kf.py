@@ -167,15 +167,17 @@ def test_assembled_outputs_equal_per_brick_outputs(kf_run, teacher_dir):
 
     exp.method.load_state_dict(load_checkpoint(d / "ckpt/last.pt")["model"])
     exp.method.eval()
-    x = exp.transform(exp.data.test.x[:40], train=False)
+    raw = exp.data.test.x[:40]
+    x = exp.transform(raw, train=False)
     net = assemble(d / "bricks/ckn.json", [d / "bricks/tsn-classes_0-1-2-3-4.json", d / "bricks/tsn-classes_5-6-7-8-9.json"])
     with torch.no_grad():
         trained = exp.method.factors(x)
         z_c = net.factors.ckn.features(x)
         per_brick = [tsn(x, z_c, sample=False)[0] for tsn in net.factors.tsns]
-        for a, b, c in zip(trained, per_brick, net.factor_outputs(x)):
+        # the assembled network takes raw inputs: it applies the bricks' normalisation itself
+        for a, b, c in zip(trained, per_brick, net.factor_outputs(raw)):
             assert torch.equal(a, b) and torch.equal(b, c)
-        scores = net(x)
+        scores = net(raw)
         # the union classifier is each factor's log-probabilities at its distillation temperature, in class order
         t = net.temperatures[0]
         assert t == 4.0 and net.temperatures == [t, t]
@@ -185,7 +187,7 @@ def test_assembled_outputs_equal_per_brick_outputs(kf_run, teacher_dir):
     # a single brick gives a classifier over its own classes only
     solo = assemble(d / "bricks/ckn.json", [d / "bricks/tsn-classes_5-6-7-8-9.json"])
     with torch.no_grad():
-        s = solo(x)
+        s = solo(raw)
     assert torch.isinf(s[:, :5]).all() and torch.isfinite(s[:, 5:]).all()
     assert solo.classes == [5, 6, 7, 8, 9]
 

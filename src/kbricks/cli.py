@@ -80,6 +80,15 @@ def _cmd_assemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .engine.export import export, load_network, random_input
+
+    net = load_network(args.source)
+    x = random_input(net, batch=args.batch, shape=args.input_shape)
+    _print(export(net, Path(args.out), format=args.format, example_input=x, atol=args.atol, torchscript=args.torchscript))
+    return 0
+
+
 def _cmd_study(args: argparse.Namespace) -> int:
     from .studies import run_cl_study, run_kf_study, run_sskt_study
 
@@ -119,11 +128,39 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from .studies import reproduce
 
+    if args.scale == "paper":
+        return _cmd_reproduce_paper(args)
+    paper_only = [f for f, v in (("--data-root", args.data_root), ("--only", args.only), ("--seeds", args.seeds), ("--smoke", args.smoke),
+                                 ("--check", args.check), ("-o", args.override)) if v]
+    if paper_only:
+        raise KbricksError(f"{paper_only[0]} goes with --scale paper")
     if args.tables_only:
         args.runs = str(Path(args.out) / ("runs-quick" if args.quick else "runs"))
         return _cmd_report(args)
     path = reproduce(args.quick, Path(args.out), configs=Path(args.configs) if args.configs else None)
     print(path.read_text())
+    return 0
+
+
+def _cmd_reproduce_paper(args: argparse.Namespace) -> int:
+    from .core import dist
+    from .studies.paper import plan_text, run_paper_study, write_paper_table
+
+    if args.quick:
+        raise KbricksError("--quick is for --scale cpu; use --smoke to check a paper-scale set-up with 2 steps per run")
+    if args.tables_only:
+        print(write_paper_table(Path(args.out), args.smoke).read_text())
+        return 0
+    if args.data_root is None:
+        raise KbricksError("--scale paper needs --data-root DIR (the folder holding cifar-10-batches-py/, cifar-100-python/, sskt-sources/)")
+    if args.check:
+        print(plan_text(Path(args.data_root), args.only))
+        return 0
+    path = run_paper_study(Path(args.data_root), Path(args.out), seeds=args.seeds or [0, 1, 2], only=args.only, smoke=args.smoke,
+                           overrides=args.override, configs=Path(args.configs) if args.configs else None)
+    if dist.is_main_process():
+        print(path.read_text())
+    dist.shutdown()
     return 0
 
 
@@ -160,6 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--evaluate", action="store_true", help="score it (and its teacher) on the CKN's test split")
     a.set_defaults(func=_cmd_assemble)
 
+    ex = sub.add_parser("export", help="export an assembled network or a trained run's network to TorchScript or ONNX (checked against PyTorch)")
+    ex.add_argument("source", help="an assembled network's directory (assembled.json) or a run directory (model.json)")
+    ex.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript", help="onnx needs pip install 'kbricks[onnx]'")
+    ex.add_argument("--out", required=True, help="the file to write (e.g. net.pt or net.onnx)")
+    ex.add_argument("--batch", type=int, default=2, help="batch size of the example input")
+    ex.add_argument("--input-shape", type=int, nargs="+", metavar="N", help="per-sample input shape, when the source does not record it (e.g. 1 8 8)")
+    ex.add_argument("--atol", type=float, default=1e-5, help="largest difference from eager PyTorch accepted")
+    ex.add_argument("--torchscript", choices=["auto", "script", "trace"], default="auto", help="auto: script, else trace")
+    ex.set_defaults(func=_cmd_export)
+
     sw = sub.add_parser("sweep", help="train a config over several seeds; mean +/- std of last and best accuracy")
     sw.add_argument("config")
     sw.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -178,7 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--configs", help="directory of the configs to use (default: the shipped ones)")
     st.set_defaults(func=_cmd_study)
 
-    rep = sub.add_parser("reproduce", help="run every study this project can do on CPU; write results/REPRODUCTION.md")
+    rep = sub.add_parser("reproduce", help="run every study this project can do on CPU (results/REPRODUCTION.md), or with --scale paper "
+                                           "the papers' CIFAR set-ups on your data (results/PAPER-SCALE.md)")
+    rep.add_argument("--scale", choices=["cpu", "paper"], default="cpu",
+                     help="cpu: the studies on embedded data (default); paper: the recipes of configs/paper/ on --data-root")
+    rep.add_argument("--data-root", help="--scale paper: the folder with cifar-10-batches-py/, cifar-100-python/, sskt-sources/ "
+                                         "(docs/paper-scale.md); recipes whose data are missing are skipped")
+    rep.add_argument("--only", nargs="+", metavar="RECIPE", help="--scale paper: these recipes only (kf-cifar10, supsup-splitcifar100, ...)")
+    rep.add_argument("--seeds", type=int, nargs="+", help="--scale paper: seeds of every non-shared run (default 0 1 2)")
+    rep.add_argument("--smoke", action="store_true", help="--scale paper: 2 steps per run on small networks (checks the data and set-up)")
+    rep.add_argument("--check", action="store_true", help="--scale paper: only list the recipes that can run and the data that are missing")
+    rep.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE", help="--scale paper: applied to every run")
     rep.add_argument("--quick", action="store_true", help="small budgets, 3 seeds")
     rep.add_argument("--out", default="results")
     rep.add_argument("--configs", help="directory of the configs to use (default: the shipped ones)")
@@ -211,7 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"kbricks: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        where = getattr(args, "run_dir", None)
-        hint = f"resume with --resume --run-dir {where}" if where else "resume with --resume --run-dir <the run directory printed above>"
-        print(f"kbricks: interrupted; {hint}", file=sys.stderr)
+        from .core.rundir import interrupted_note
+
+        print(f"kbricks: interrupted; {interrupted_note()}", file=sys.stderr)
         return 130

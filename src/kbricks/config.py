@@ -63,6 +63,8 @@ class DataConfig(Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train_subset: Optional[int] = Field(None, ge=1, description="keep the first N training samples (after the seeded split)")
     scenario: Optional[ScenarioConfig] = Field(None, description="continual learning: the sequence of tasks")
+    relabel: bool = Field(False, description="map the distinct labels present (sorted) to 0..K-1; without it labels "
+                                            "must already use every class 0..K-1")
 
 
 class ModelConfig(Strict):
@@ -173,6 +175,8 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
             got = err.get("input")
             msg = f"{err['msg']} (got {got!r})" if not isinstance(got, dict) else err["msg"]
         lines.append(f"{path or '<root>'}: {msg}")
+    if len(lines) == 1:
+        return f"invalid config: {lines[0]}"
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
@@ -211,10 +215,14 @@ def read_yaml(path: Path) -> Dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} is not a file")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a YAML config was expected)") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data

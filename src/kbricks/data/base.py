@@ -35,6 +35,8 @@ class ArrayDataset:
             )
         if self.latents is not None and self.latents.shape[0] != self.x.shape[0]:
             raise DataError("latents must have one row per image")
+        if self.y.is_floating_point() and not torch.equal(self.y, self.y.round()):  # .long() would truncate silently
+            raise DataError(f"labels must be integer class indices, got non-integer values such as {self.y[self.y != self.y.round()][0].item()}")
         self.x = self.x.float()
         self.y = self.y.long()
 

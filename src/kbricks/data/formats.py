@@ -71,17 +71,28 @@ def _existing_dir(root: Optional[str], what: str) -> Path:
     return p
 
 
-def _read_cifar_batches(files: List[Path], label_key: str) -> tuple:
+def _read_cifar_batches(files: List[Path], label_key: str, num_classes: int) -> tuple:
     xs, ys = [], []
     for f in files:
         batch = safe_unpickle(f)
         if not isinstance(batch, dict):
             raise DataError(f"{f} does not hold a dict batch")
-        data = np.asarray(_key(batch, "data"), dtype=np.uint8)
+        try:
+            data = np.asarray(_key(batch, "data"), dtype=np.uint8)
+            raw = np.asarray(_key(batch, label_key))
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{f}: 'data' or {label_key!r} is not an array of numbers ({exc})") from None
         if data.ndim != 2 or data.shape[1] != 3072:
             raise DataError(f"{f}: 'data' must be N x 3072 uint8, got {data.shape}")
+        if raw.ndim != 1 or len(raw) != len(data):
+            raise DataError(f"{f}: {len(data)} images but {raw.size} {label_key!r} entries")
+        if raw.size and not np.issubdtype(raw.dtype, np.integer) and not (np.issubdtype(raw.dtype, np.number) and np.all(np.mod(raw, 1) == 0)):
+            raise DataError(f"{f}: {label_key!r} must hold integer class indices, got dtype {raw.dtype}")
+        outside = raw[(raw < 0) | (raw >= num_classes)] if raw.size else raw
+        if outside.size:
+            raise DataError(f"{f}: label {outside[0].item()!r} in {label_key!r} is not a class index 0..{num_classes - 1}")
         xs.append(data.reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(_key(batch, label_key), dtype=np.int64))
+        ys.append(raw.astype(np.int64))
     return np.concatenate(xs), np.concatenate(ys)
 
 
@@ -99,8 +110,8 @@ def cifar10(root: Optional[str] = None) -> DataSplits:
     if (base / "batches.meta").exists():
         meta = safe_unpickle(base / "batches.meta")
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in _key(meta, "label_names")]
-    xtr, ytr = _read_cifar_batches(train_files, "labels")
-    xte, yte = _read_cifar_batches([base / "test_batch"], "labels")
+    xtr, ytr = _read_cifar_batches(train_files, "labels", len(names))
+    xte, yte = _read_cifar_batches([base / "test_batch"], "labels", len(names))
     return DataSplits(
         ArrayDataset(torch.from_numpy(to_float_images(xtr)), torch.from_numpy(ytr), names),
         ArrayDataset(torch.from_numpy(to_float_images(xte)), torch.from_numpy(yte), names),
@@ -122,8 +133,10 @@ def cifar100(root: Optional[str] = None, label: str = "fine") -> DataSplits:
         raw = _key(meta, f"{label}_label_names")
         names = [v.decode() if isinstance(v, bytes) else str(v) for v in raw]
     key = f"{label}_labels"
-    xtr, ytr = _read_cifar_batches([base / "train"], key)
-    xte, yte = _read_cifar_batches([base / "test"], key)
+    if len(names) != n:
+        raise DataError(f"cifar100: {base / 'meta'} lists {len(names)} {label} label names, expected {n}")
+    xtr, ytr = _read_cifar_batches([base / "train"], key, n)
+    xte, yte = _read_cifar_batches([base / "test"], key, n)
     return DataSplits(
         ArrayDataset(torch.from_numpy(to_float_images(xtr)), torch.from_numpy(ytr), names),
         ArrayDataset(torch.from_numpy(to_float_images(xte)), torch.from_numpy(yte), names),

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .base import ArrayDataset, DataSplits
 from .registry import SCENARIOS
-from .tasks import split_classes
+from .tasks import class_partition, split_classes
 
 
 @dataclass
@@ -70,12 +71,18 @@ def rotated(data: DataSplits, num_tasks: int = 5, degrees_per_task: float = 0.0)
 
 
 @SCENARIOS.register("split")
-def split(data: DataSplits, num_tasks: int = 5) -> List[TaskData]:
-    """Consecutive class groups ({0,1}, {2,3}, ...), each relabelled 0..k-1 (task-incremental)."""
+def split(data: DataSplits, num_tasks: int = 5, class_order_seed: Optional[int] = None) -> List[TaskData]:
+    """Consecutive class groups ({0,1}, {2,3}, ...), each relabelled 0..k-1 (task-incremental). With
+    ``class_order_seed`` the classes are shuffled first: task i gets ``perm[k*i : k*(i+1)]`` of
+    ``numpy.random.RandomState(seed).permutation(n)``, labelled by position (SupSup's RandSplitCIFAR100 order)."""
     n = data.train.num_classes
     if n % num_tasks:
         raise ConfigError(f"split: {n} classes do not divide into {num_tasks} tasks")
-    return [TaskData(t.name, t.select(data.train), t.select(data.test), t.num_classes) for t in split_classes(n, num_tasks)]
+    tasks = split_classes(n, num_tasks)
+    if class_order_seed is not None:
+        order, k = np.random.RandomState(class_order_seed).permutation(n).tolist(), n // num_tasks
+        tasks = class_partition([order[k * i: k * (i + 1)] for i in range(num_tasks)], n)
+    return [TaskData(t.name, t.select(data.train), t.select(data.test), t.num_classes) for t in tasks]
 
 
 def build_scenario(name: str, data: DataSplits, **kwargs) -> List[TaskData]:

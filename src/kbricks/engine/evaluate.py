@@ -44,7 +44,8 @@ def evaluate_run(run_dir: Path, checkpoint: str = "last", baseline=None) -> Dict
 
 
 def evaluate_assembled(net) -> Dict[str, float]:
-    """Accuracy of an assembled network (and of its teacher) on the test split its CKN was trained on."""
+    """Accuracy of an assembled network fed raw test inputs, and of its teacher fed the same inputs through its own
+    pipeline (normalisation), on the test split its CKN was trained on."""
     from ..methods.kf.report import Predictor, teacher_predictor
     from ..models.frozen import load_frozen
 
@@ -56,7 +57,8 @@ def evaluate_assembled(net) -> Dict[str, float]:
     cpu = torch.device("cpu")
     if net.is_class_union:
         test = test.subset(torch.isin(test.y, torch.tensor(net.classes)).nonzero().squeeze(1))
-    out = {f"assembled/{k}": v for k, v in evaluate(Predictor(net), test, net.tasks, transform, cpu).items()}
+    raw = lambda x, train=False: x  # noqa: E731  (the assembled network normalises its raw inputs itself)
+    out = {f"assembled/{k}": v for k, v in evaluate(Predictor(net), test, net.tasks, raw, cpu).items()}
     teacher = load_frozen(prov["teacher"], {"mean": transform.mean, "std": transform.std} if transform.mean else None)
     if net.is_class_union:  # the teacher restricted to the same classes
         cls = torch.tensor(net.classes)

@@ -30,7 +30,8 @@ from ..data import (
     build_tasks,
     channel_stats,
 )
-from ..errors import ConfigError
+from ..data.validate import relabel_splits, validate_splits
+from ..errors import ConfigError, DataError
 from ..methods.base import METHODS, Method, MethodContext
 from ..models import MODELS
 from ..registry import check_kwargs
@@ -67,12 +68,15 @@ def validate(cfg: RunConfig) -> None:
     d = cfg.data
     data_kwargs = dict(d.kwargs, **({"root": d.root} if d.root is not None else {}))
     check_kwargs(DATASETS.get(d.name), data_kwargs, f"dataset {d.name!r} (data.kwargs / data.root)")
+    check_kwarg_types(DATASETS.get(d.name), d.kwargs, "data.kwargs")
     if d.scenario is not None:
         check_kwargs(SCENARIOS.get(d.scenario.name), {"data": None, **d.scenario.kwargs()}, f"scenario {d.scenario.name!r} (data.scenario)")
+        check_kwarg_types(SCENARIOS.get(d.scenario.name), d.scenario.kwargs(), "data.scenario")
     reserved = sorted(set(MODEL_SHAPE_ARGS) & set(cfg.model.kwargs))
     if reserved:
         raise ConfigError(f"model.kwargs must not set {reserved}: they are taken from the data")
     check_kwargs(MODELS.get(cfg.model.name), {**{k: 1 for k in MODEL_SHAPE_ARGS}, **cfg.model.kwargs}, f"model {cfg.model.name!r} (model.kwargs)")
+    check_kwarg_types(MODELS.get(cfg.model.name), cfg.model.kwargs, "model.kwargs")
     method_params(cfg)
     continual = "continual" in METHODS.tags(cfg.method.name)
     if continual and d.scenario is None:
@@ -80,6 +84,40 @@ def validate(cfg: RunConfig) -> None:
     if not continual and d.scenario is not None:
         raise ConfigError(f"data.scenario is set but method {cfg.method.name!r} is not a continual strategy "
                           f"(continual methods: {', '.join(METHODS.names(tag='continual'))})")
+
+
+def check_kwarg_types(factory, kwargs: dict, prefix: str) -> None:
+    """Each argument against the factory's type annotation (or the type of its default), so ``hidden: abc`` fails
+    at load time naming ``model.kwargs.hidden`` instead of deep inside a constructor. Arguments without a usable
+    annotation or default are left to the constructor (see :func:`build_experiment`)."""
+    import inspect
+    import typing
+
+    from pydantic import TypeAdapter
+
+    params = inspect.signature(factory).parameters
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:  # unresolvable annotations in user code: fall back to the defaults' types
+        hints = {}
+    for key, value in kwargs.items():
+        hint = hints.get(key)
+        if hint is None and key in params:
+            default = params[key].default
+            if type(default) in (bool, int, float, str):
+                hint = float if type(default) is float else type(default)
+        if hint is None or hint is typing.Any:
+            continue
+        try:
+            adapter = TypeAdapter(hint)
+        except Exception:  # a type pydantic cannot check (a torch class ...)
+            continue
+        try:  # scalars strictly (no "0.5" -> 0.5, no true -> 1), containers leniently (YAML lists for tuples)
+            adapter.validate_python(value, strict=isinstance(value, (str, bool, int, float)))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join([prefix, key] + [str(p) for p in err["loc"]])
+            raise ConfigError(f"{where}: {err['msg'][0].lower()}{err['msg'][1:]} (got {value!r})") from None
 
 
 def method_params(cfg: RunConfig):
@@ -94,10 +132,18 @@ def method_params(cfg: RunConfig):
 
 
 def load_data(data: DataConfig) -> DataSplits:
+    """The dataset, checked (:func:`kbricks.data.validate.validate_splits`) before anything is built on it."""
     kwargs = dict(data.kwargs)
     if data.root is not None:
         kwargs["root"] = data.root
-    splits = DATASETS.create(data.name, **kwargs)
+    try:
+        splits = DATASETS.create(data.name, **kwargs)
+    except (TypeError, ValueError) as exc:  # a loader choking on its arguments or its files: one line, not a traceback
+        raise DataError(f"dataset {data.name!r} could not be loaded (data.kwargs {dict(data.kwargs)}): {type(exc).__name__}: "
+                        f"{_first_line(exc)}") from exc
+    if not isinstance(splits, DataSplits):
+        raise DataError(f"dataset {data.name!r} returned {type(splits).__name__}, not DataSplits(train, test)")
+    validate_splits(relabel_splits(splits) if data.relabel else splits)
     if data.train_subset is not None:
         splits.train = splits.train.subset(torch.arange(min(data.train_subset, len(splits.train))))
     return splits
@@ -122,5 +168,15 @@ def build_experiment(cfg: RunConfig, device: Optional[torch.device] = None) -> E
         train, tasks = data.train, build_tasks(cfg.data.tasks, data.train)
     transform = build_transform(cfg.data, train)
     ctx = MethodContext(cfg, train, tasks, device, transform, scenario)
-    method = METHODS.get(cfg.method.name)(method_params(cfg), ctx).to(device)
+    try:
+        method = METHODS.get(cfg.method.name)(method_params(cfg), ctx).to(device)
+    except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a model.kwargs value its constructor cannot use
+        raise ConfigError(f"could not build model {cfg.model.name!r} (model.kwargs {dict(cfg.model.kwargs)}) for method "
+                          f"{cfg.method.name!r}: {type(exc).__name__}: {_first_line(exc)}") from exc
     return Experiment(cfg, data, tasks, method, transform, device, scenario)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+

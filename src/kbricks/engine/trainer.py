@@ -130,7 +130,9 @@ class Loop:
             losses = self.model(batch)
             loss = losses["loss"]
             if not torch.isfinite(loss):
-                raise TrainingDiverged(self._diverged_message(loss, losses, batch, epoch, step))
+                exc = TrainingDiverged(self._diverged_message(loss, losses, batch, epoch, step))
+                exc.bad_input = not torch.isfinite(batch.raw).all().item()
+                raise exc
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.train_cfg.grad_clip:
@@ -190,11 +192,13 @@ class Trainer:
         apply_optim_overrides(self.loop, state.get("config", {}).get("optim", {}), self.cfg)
         self.start_epoch, self.best, self.best_epoch = state["epoch"], state["best"], state["best_epoch"]
 
-    def checkpoint_note(self) -> str:
+    def checkpoint_note(self, bad_input: bool = False) -> str:
         last = self.ckpt_dir / "last.pt"
         if not last.exists():
             return "no checkpoint was written yet (nothing to resume)"
         epoch = load_checkpoint(last).get("epoch")
+        if bad_input:
+            return f"the last good checkpoint (epoch {epoch}) is {last}"
         return f"the last good checkpoint (epoch {epoch}) is {last}: resume it with --resume -o optim.lr=<lower>"
 
     def keep_row(self, row: Dict[str, Any]) -> bool:
@@ -227,7 +231,7 @@ class Trainer:
             try:
                 metrics.update(self.loop.run_epoch(epoch))
             except TrainingDiverged as exc:
-                raise TrainingDiverged(f"{exc}; {self.checkpoint_note()}") from None
+                raise TrainingDiverged(f"{exc}; {self.checkpoint_note(getattr(exc, 'bad_input', False))}") from None
             metrics["lr"] = self.loop.scheduler.get_last_lr()[0]
             done = epoch + 1
             if done % train.eval_every == 0 or done == train.epochs:
@@ -307,16 +311,26 @@ def check_resumable(state: Dict[str, Any], cfg: RunConfig) -> None:
                                   f"(start a new run, or resume with the original {key} settings)")
 
 
+OPTIM_CHANGEABLE_ON_RESUME = ("lr", "weight_decay", "momentum")
+
+
+def check_optim_resumable(saved: Dict[str, Any], cfg: RunConfig) -> None:
+    """Only ``optim.lr``, ``weight_decay`` and ``momentum`` may change on resume (they are applied to the restored
+    optimiser); another change (optimiser, schedule, milestones...) cannot be applied to its state and is refused."""
+    now = cfg.optim.model_dump(mode="json")
+    fixed = [k for k in now if k not in OPTIM_CHANGEABLE_ON_RESUME and k in saved and saved[k] != now[k]]
+    if fixed:
+        raise CheckpointError(f"cannot resume: optim.{fixed[0]} changed from {saved[fixed[0]]!r} to {now[fixed[0]]!r}; "
+                              f"only optim.{', optim.'.join(OPTIM_CHANGEABLE_ON_RESUME)} can change on resume")
+
+
 def apply_optim_overrides(loop: Loop, saved: Dict[str, Any], cfg: RunConfig) -> None:
     """On resume the optimiser state comes from the checkpoint; a changed ``optim.lr``, ``weight_decay`` or
     ``momentum`` is applied to it explicitly (and said so), never silently ignored. Other optimiser changes are
     refused."""
+    check_optim_resumable(saved, cfg)
     o, now = cfg.optim, cfg.optim.model_dump(mode="json")
-    fixed = [k for k in now if k not in ("lr", "weight_decay", "momentum") and k in saved and saved[k] != now[k]]
-    if fixed:
-        raise CheckpointError(f"cannot resume: optim.{fixed[0]} changed from {saved[fixed[0]]!r} to {now[fixed[0]]!r}; "
-                              "only optim.lr, optim.weight_decay and optim.momentum can change on resume")
-    changed = [k for k in ("lr", "weight_decay", "momentum") if k in saved and saved[k] != now[k]]
+    changed = [k for k in OPTIM_CHANGEABLE_ON_RESUME if k in saved and saved[k] != now[k]]
     for key in changed:
         if key == "lr":
             loop.set_base_lr(o.lr * (dist.world_size() if o.scale_lr_with_world_size else 1))
@@ -347,7 +361,8 @@ def open_run(cfg: RunConfig, run_dir: Optional[Path], resume: bool, overwrite: b
 
 
 def start_run(cfg: RunConfig, run_dir: Optional[Path], resume: bool, overwrite: bool) -> RunDirectory:
-    """Everything before training that can fail without touching the disk happens first."""
+    """Everything before training that can fail without touching the disk happens first; a ``resume`` is checked
+    against the checkpoint's config before anything is written."""
     validate(cfg)
     device = pick_device(cfg.train.device)
     set_threads(cfg.train.num_threads)
@@ -356,7 +371,10 @@ def start_run(cfg: RunConfig, run_dir: Optional[Path], resume: bool, overwrite: 
     run = open_run(cfg, run_dir, resume, overwrite)
     if resume and dist.is_main_process() and run.has_checkpoint():
         try:
-            check_resumable(load_checkpoint(run.ckpt_dir / "last.pt"), cfg)
+            state = load_checkpoint(run.ckpt_dir / "last.pt")
+            check_resumable(state, cfg)
+            if not cfg.is_continual:  # continual stages take their optimiser settings afresh for each task
+                check_optim_resumable(state.get("config", {}).get("optim", {}), cfg)
         except BaseException:
             run.release()
             raise
@@ -366,18 +384,31 @@ def start_run(cfg: RunConfig, run_dir: Optional[Path], resume: bool, overwrite: 
 def run_training(cfg: RunConfig, run_dir: Optional[Path] = None, resume: bool = False, hooks: Optional[List[Hook]] = None,
                  overwrite: bool = False) -> Dict[str, Any]:
     """Build everything from ``cfg`` and train; returns the summary (also in ``run_dir/results.json``). Continual
-    configs (``data.scenario``) run the task loop of ``engine.continual``."""
-    if cfg.is_continual:
-        from .continual import run_continual
+    configs (``data.scenario``) run the task loop of ``engine.continual``. Under DDP, a rank that stops makes the
+    others fail with one line (after at most ``train.ddp_timeout_s``) instead of a backend traceback."""
+    try:
+        if cfg.is_continual:
+            from .continual import run_continual
 
-        return run_continual(cfg, run_dir, resume=resume, hooks=hooks, overwrite=overwrite)
+            return run_continual(cfg, run_dir, resume=resume, hooks=hooks, overwrite=overwrite)
+        return _run_plain(cfg, run_dir, resume, hooks, overwrite)
+    except RuntimeError as exc:
+        if dist.is_peer_failure(exc):
+            raise dist.peer_failure_error(exc, cfg.train.ddp_timeout_s) from None
+        raise
+
+
+def _run_plain(cfg: RunConfig, run_dir: Optional[Path], resume: bool, hooks: Optional[List[Hook]], overwrite: bool) -> Dict[str, Any]:
     run = start_run(cfg, run_dir, resume, overwrite)
     try:
         exp = build_experiment(cfg)
+        trainer = Trainer(exp, run, hooks)
+        if resume:
+            trainer.resume()  # refusals happen here, before config.yaml records the new config
         if dist.is_main_process():
             run.write_text("config.yaml", config_yaml(cfg))
             run.write_json("env.json", environment_info(exp.device, dist.world_size()))
-        summary = Trainer(exp, run, hooks).fit(resume=resume)
+        summary = trainer.fit()
     except BaseException:
         if dist.is_main_process():
             run.abandon()

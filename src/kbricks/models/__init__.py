@@ -4,7 +4,7 @@ Every network class lives here (classifiers, heads, factorized KF networks, supe
 methods import models, never the reverse.
 """
 
-from . import masked, mobilenetv2, resnet, simple, wrn  # noqa: F401  (registers models)
+from . import gem_resnet, masked, mobilenetv2, resnet, simple, wrn  # noqa: F401  (registers models)
 from .base import MODELS, Classifier, count_parameters
 from .heads import MultiHeadClassifier
 

@@ -14,7 +14,7 @@ MODELS = Registry("model", "kbricks.models")
 
 
 class Classifier(nn.Module):
-    feature_dim: int
+    # feature_dim (int) is set in __init__; no class-level annotation: TorchScript cannot resolve a postponed one
 
     def __init__(self, feature_dim: int, num_classes: int):
         super().__init__()

@@ -7,7 +7,7 @@ z_t ~ N(mu_t(x), sigma_t(x)^2) (its mean at evaluation).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from torch import nn
 
 from ..data.tasks import Task
 from .base import Classifier
+from .deploy import input_normalization
 
 
 class TaskSpecificNetwork(nn.Module):
@@ -87,15 +88,31 @@ def combined_class_scores(factor_logits: Sequence[torch.Tensor], tasks: Sequence
 
 
 class AssembledNetwork(nn.Module):
-    """CKN computed once, then each chosen TSN. Class tasks -> one classifier over the union of their classes
-    (log-probabilities at each factor's distillation temperature); latent tasks -> a list with one output per task."""
+    """The CKN computed once, then each chosen TSN, behind the bricks' input normalisation: it takes raw inputs
+    (what the dataset holds, before normalisation), like its teacher's whole pipeline. ``assemble`` returns an
+    :class:`AssembledClassifier` (class tasks: one score vector over the union of their classes) or an
+    :class:`AssembledMultiTask` (latent tasks: one output per task). Both compile with ``torch.jit.script``."""
+
+    # Python-side descriptions, never read by forward: kept out of TorchScript
+    __jit_ignored_attributes__ = ["tasks", "manifests", "info"]
+    __jit_unused_properties__ = ["factors", "is_class_union", "classes", "output_names"]
 
     def __init__(self, factors: FactorNetworks, tasks: Sequence[Task], num_classes: int, manifests: Sequence[Dict[str, Any]],
-                 temperatures: Sequence[float]):
+                 temperatures: Sequence[float], normalize: Optional[Dict[str, Any]] = None):
         super().__init__()
-        self.factors, self.tasks, self.num_classes = factors, list(tasks), num_classes
+        self.normalize = input_normalization(normalize)
+        # the factors' modules held directly (same state-dict names as FactorNetworks): TorchScript compiles
+        # every submodule's forward, and only the assembled path needs to compile
+        self.ckn, self.tsns = factors.ckn, factors.tsns
+        self.tasks, self.num_classes = list(tasks), num_classes
         self.manifests = list(manifests)
-        self.temperatures = list(temperatures)
+        self.temperatures: List[float] = [float(t) for t in temperatures]
+        self.info = {}  # what save_assembled / load_assembled record: input, outputs, fingerprint
+
+    @property
+    def factors(self) -> FactorNetworks:
+        """The CKN and chosen TSNs as factor networks (shared modules; they take normalised inputs)."""
+        return FactorNetworks(self.ckn, list(self.tsns))
 
     @property
     def is_class_union(self) -> bool:
@@ -105,9 +122,45 @@ class AssembledNetwork(nn.Module):
     def classes(self) -> List[int]:
         return sorted(c for t in self.tasks for c in (t.classes or ()))
 
-    def factor_outputs(self, x: torch.Tensor) -> List[torch.Tensor]:
-        return self.factors(x)
+    @property
+    def output_names(self) -> List[str]:
+        return ["scores"] if self.is_class_union else [f"logits_{t.name}" for t in self.tasks]
 
-    def forward(self, x: torch.Tensor):
-        outs = self.factors(x)
-        return combined_class_scores(outs, self.tasks, self.num_classes, self.temperatures) if self.is_class_union else outs
+    @torch.jit.export
+    def factor_outputs(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Every chosen factor network's logits on raw inputs ``x``."""
+        x = self.normalize(x)
+        z_c = self.ckn.features(x)  # computed once for all factors
+        outs: List[torch.Tensor] = []
+        for tsn in self.tsns:
+            outs.append(tsn(x, z_c, False)[0])
+        return outs
+
+
+class AssembledClassifier(AssembledNetwork):
+    """Class tasks: log-probabilities over the union of their classes, in the teacher's class order (see
+    :func:`combined_class_scores`); classes no chosen brick covers score -inf."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        covered = [c for t in self.tasks for c in t.classes]
+        index = [len(covered)] * self.num_classes  # uncovered classes read the trailing -inf column
+        for column, c in enumerate(covered):
+            index[c] = column
+        self.register_buffer("class_index", torch.tensor(index, dtype=torch.long), persistent=False)
+        self.class_counts: List[int] = [t.num_classes for t in self.tasks]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts: List[torch.Tensor] = []
+        for i, logits in enumerate(self.factor_outputs(x)):
+            parts.append(F.log_softmax(logits / self.temperatures[i], dim=1)[:, : self.class_counts[i]])
+        ref = parts[0]
+        parts.append(torch.full((ref.shape[0], 1), float("-inf"), dtype=ref.dtype, device=ref.device))
+        return torch.index_select(torch.cat(parts, 1), 1, self.class_index)
+
+
+class AssembledMultiTask(AssembledNetwork):
+    """Latent tasks: one logit tensor per task, in the order the bricks were given."""
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return self.factor_outputs(x)

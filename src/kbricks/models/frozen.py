@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..core.checkpoint import load_safetensors, load_state_into, read_json
+from ..core.checkpoint import fingerprint, load_safetensors, load_state_into, read_json
 from ..data.tasks import Task
 from ..errors import CheckpointError, ConfigError
 from .base import MODELS
@@ -29,6 +29,8 @@ def read_model_card(path: Union[str, Path]) -> Tuple[Dict[str, Any], Path]:
     card = read_json(card_path, f"no trained model at {str(path)!r} (expected a run directory with model.json)")
     if not isinstance(card, dict):
         raise CheckpointError(f"{card_path} is not a kbricks model card (a JSON object is expected, got {type(card).__name__})")
+    if [k for k in ("model", "num_classes", "in_channels", "image_size") if k not in card] or not isinstance(card["model"], dict):
+        raise CheckpointError(f"{card_path} is not a kbricks model card (it lacks model, num_classes, in_channels or image_size)")
     if card.get("network", "classifier") != "classifier":
         raise CheckpointError(f"{card_path} describes a {card.get('method')!r} run whose network is {card.get('network')!r}, not one classifier; load its bricks instead")
     return card, card_path.parent
@@ -43,8 +45,10 @@ def build_from_card(card: Dict[str, Any]) -> nn.Module:
 
 def load_trained_model(path: Union[str, Path]) -> Tuple[nn.Module, Dict[str, Any]]:
     card, folder = read_model_card(path)
-    net = build_from_card(card)
-    load_state_into(net, load_safetensors(folder / "model.safetensors"), f"model described by {folder / 'model.json'}")
+    net, tensors = build_from_card(card), load_safetensors(folder / "model.safetensors")
+    if card.get("fingerprint") is not None and fingerprint(tensors) != card["fingerprint"]:
+        raise CheckpointError(f"{folder / 'model.safetensors'} does not match the fingerprint in {folder / 'model.json'} (modified or corrupt)")
+    load_state_into(net, tensors, f"model described by {folder / 'model.json'}")
     return net, card
 
 

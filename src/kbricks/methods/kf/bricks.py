@@ -3,8 +3,10 @@
 A manifest records what a brick is (kind, task, classes, architecture, input normalisation, distillation
 temperature), the fingerprint and architecture of the CKN it was trained with, metrics and provenance. Its
 ``fingerprint`` signs the weights *and* every manifest field that decides behaviour, so an edited class list is
-caught as surely as edited weights. Assembly refuses bricks that were not trained against the same CKN. Loading
-never unpickles anything.
+caught as surely as edited weights. Assembly refuses bricks that were not trained against the same CKN. The
+assembled network takes raw inputs (it applies the bricks' normalisation); ``save_assembled`` writes it as one
+safetensors file and an ``assembled.json`` that embeds every brick's manifest, and ``load_assembled`` rebuilds it from
+those two files alone, checking every fingerprint. Loading never unpickles anything.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import torch
 from torch import nn
 
 from ..._version import __version__
-from ...core.checkpoint import fingerprint, load_safetensors, load_state_into, read_json, save_safetensors
+from ...core.checkpoint import atomic_write_bytes, fingerprint, load_safetensors, load_state_into, read_json, save_safetensors
 from ...data import Task
 from ...errors import CheckpointError, KbricksError
 from ...models import create_model
-from ...models.factorized import AssembledNetwork, FactorNetworks, TaskSpecificNetwork
+from ...models.deploy import RAW_INPUT, input_shape_of
+from ...models.factorized import AssembledClassifier, AssembledMultiTask, AssembledNetwork, FactorNetworks, TaskSpecificNetwork
 
 BRICK_FORMAT = "kbricks-brick-v2"
 # manifest fields that change what an assembled network computes: signed together with the weights
@@ -106,38 +109,47 @@ def load_brick(path: Union[str, Path]) -> Tuple[Dict[str, Any], Dict[str, torch.
     if path.suffix != ".json":
         path = path.with_suffix(".json") if path.with_suffix(".json").exists() else Path(str(path) + ".json")
     manifest = read_json(path, f"brick manifest {str(path)!r} does not exist")
-    if not isinstance(manifest, dict) or manifest.get("format") != BRICK_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise CheckpointError(f"{path} is not a kbricks brick manifest (format {BRICK_FORMAT!r} expected, found {found!r})")
-    kind = manifest.get("kind")
-    if kind not in REQUIRED_FIELDS:
-        raise CheckpointError(f"brick {path.name}: unknown kind {kind!r} (expected 'ckn' or 'tsn')")
-    missing = [k for k in REQUIRED_FIELDS[kind] if k not in manifest]
-    if missing:
-        raise CheckpointError(f"brick {path.name}: the manifest lacks {missing}")
+    _check_manifest(path.name, manifest)
     if not isinstance(manifest["weights"], str) or Path(manifest["weights"]).name != manifest["weights"]:
         raise CheckpointError(f"brick {path.name}: 'weights' must name a file next to the manifest, got {manifest['weights']!r}")
     tensors = load_safetensors(path.parent / manifest["weights"])
-    wfp = fingerprint(tensors)
-    if wfp != manifest["weights_fingerprint"]:
-        raise CheckpointError(f"brick {path.name}: weights do not match the manifest fingerprint (modified or corrupt file)")
-    if signature(wfp, manifest) != manifest["fingerprint"]:
-        raise CheckpointError(f"brick {path.name}: the manifest's signed fields ({', '.join(SIGNED_FIELDS)}) were modified "
-                              "after export; re-export the bricks instead of editing them")
-    if kind == "tsn":
-        _check_task(path, manifest)
+    _verify_brick(path.name, manifest, tensors)
     return manifest, tensors
 
 
-def _check_task(path: Path, m: Dict[str, Any]) -> None:
+def _check_manifest(name: str, manifest: Any) -> None:
+    if not isinstance(manifest, dict) or manifest.get("format") != BRICK_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CheckpointError(f"{name} is not a kbricks brick manifest (format {BRICK_FORMAT!r} expected, found {found!r})")
+    kind = manifest.get("kind")
+    if kind not in REQUIRED_FIELDS:
+        raise CheckpointError(f"brick {name}: unknown kind {kind!r} (expected 'ckn' or 'tsn')")
+    missing = [k for k in REQUIRED_FIELDS[kind] if k not in manifest]
+    if missing:
+        raise CheckpointError(f"brick {name}: the manifest lacks {missing}")
+
+
+def _verify_brick(name: str, manifest: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> None:
+    """The weights hash to the manifest's weights fingerprint, and the signed fields to its fingerprint."""
+    wfp = fingerprint(tensors)
+    if wfp != manifest["weights_fingerprint"]:
+        raise CheckpointError(f"brick {name}: weights do not match the manifest fingerprint (modified or corrupt file)")
+    if signature(wfp, manifest) != manifest["fingerprint"]:
+        raise CheckpointError(f"brick {name}: the manifest's signed fields ({', '.join(SIGNED_FIELDS)}) were modified "
+                              "after export; re-export the bricks instead of editing them")
+    if manifest["kind"] == "tsn":
+        _check_task(name, manifest)
+
+
+def _check_task(name: str, m: Dict[str, Any]) -> None:
     task, total = m["task"], m["num_classes_total"]
     if not isinstance(task, dict) or "name" not in task or "num_classes" not in task:
-        raise CheckpointError(f"brick {path.name}: 'task' must hold name and num_classes")
+        raise CheckpointError(f"brick {name}: 'task' must hold name and num_classes")
     classes = task.get("classes")
     if classes is not None:
         bad = [c for c in classes if not isinstance(c, int) or not 0 <= c < total]
         if bad or len(set(classes)) != len(classes) or len(classes) != task["num_classes"]:
-            raise CheckpointError(f"brick {path.name}: task classes {classes} are not {task['num_classes']} distinct ids in 0..{total - 1}")
+            raise CheckpointError(f"brick {name}: task classes {classes} are not {task['num_classes']} distinct ids in 0..{total - 1}")
 
 
 def build_ckn(arch: Dict[str, Any]) -> nn.Module:
@@ -150,45 +162,86 @@ def build_tsn(manifest: Dict[str, Any]) -> TaskSpecificNetwork:
     return TaskSpecificNetwork(backbone, a["dim"], ckn["feature_dim"], manifest["num_outputs"], a["combine"])
 
 
+Brick = Tuple[str, Dict[str, Any], Dict[str, torch.Tensor]]  # (name for messages, manifest, weights)
+
+
 def assemble(ckn_path: Union[str, Path], tsn_paths: Sequence[Union[str, Path]]) -> AssembledNetwork:
-    """Combine one CKN brick and any subset of TSN bricks trained with it, without fine-tuning."""
-    ckn_manifest, ckn_tensors = load_brick(ckn_path)
-    if ckn_manifest["kind"] != "ckn":
-        raise BrickMismatchError(f"{ckn_path} is a {ckn_manifest['kind']} brick, not a CKN")
+    """Combine one CKN brick and any subset of TSN bricks trained with it, without fine-tuning. The network takes
+    raw inputs (it applies the bricks' input normalisation itself)."""
+    ckn = (str(ckn_path), *load_brick(ckn_path))
+    if ckn[1]["kind"] != "ckn":
+        raise BrickMismatchError(f"{ckn_path} is a {ckn[1]['kind']} brick, not a CKN")
     if not tsn_paths:
         raise BrickMismatchError("give at least one TSN brick to assemble")
-    ckn = build_ckn(ckn_manifest["architecture"])
-    load_state_into(ckn, ckn_tensors, f"CKN architecture in {ckn_path}")
+    return _build(ckn, [(Path(p).name, *load_brick(p)) for p in tsn_paths])
+
+
+def _build(ckn: Brick, tsn_bricks: Sequence[Brick]) -> AssembledNetwork:
+    ckn_name, ckn_manifest, ckn_tensors = ckn
+    ckn_net = build_ckn(ckn_manifest["architecture"])
+    load_state_into(ckn_net, ckn_tensors, f"CKN architecture in {ckn_name}")
     tsns, tasks, manifests, seen = [], [], [ckn_manifest], set()
-    for p in tsn_paths:
-        m, tensors = load_brick(p)
+    for name, m, tensors in tsn_bricks:
         if m["kind"] != "tsn":
-            raise BrickMismatchError(f"{p} is a {m['kind']} brick, not a TSN")
+            raise BrickMismatchError(f"{name} is a {m['kind']} brick, not a TSN")
         if m["ckn_architecture"] != ckn_manifest["architecture"]:
-            raise BrickMismatchError(f"TSN {Path(p).name} was trained with a CKN of another architecture ({m['ckn_architecture']['name']} vs {ckn_manifest['architecture']['name']})")
+            raise BrickMismatchError(f"TSN {name} was trained with a CKN of another architecture ({m['ckn_architecture']['name']} vs {ckn_manifest['architecture']['name']})")
         if m["ckn_fingerprint"] != ckn_manifest["fingerprint"]:
             raise BrickMismatchError(
-                f"TSN {Path(p).name} was trained with CKN {m['ckn_fingerprint']}, not with the given CKN {ckn_manifest['fingerprint']}; "
+                f"TSN {name} was trained with CKN {m['ckn_fingerprint']}, not with the given CKN {ckn_manifest['fingerprint']}; "
                 "bricks only assemble with the CKN they were factorized with"
             )
+        if m.get("normalize") != ckn_manifest.get("normalize"):
+            raise BrickMismatchError(f"TSN {name} expects another input normalisation ({m.get('normalize')}) than its CKN ({ckn_manifest.get('normalize')})")
         task = _task_from_dict(m["task"])
         overlap = seen.intersection(task.classes or ())
         if overlap or any(t.name == task.name for t in tasks):
-            raise BrickMismatchError(f"TSN {Path(p).name} repeats task {task.name!r} or classes {sorted(overlap)}")
+            raise BrickMismatchError(f"TSN {name} repeats task {task.name!r} or classes {sorted(overlap)}")
         seen.update(task.classes or ())
         tsn = build_tsn(m)
-        load_state_into(tsn, tensors, f"TSN architecture in {p}")
+        load_state_into(tsn, tensors, f"TSN architecture in {name}")
         tsns.append(tsn), tasks.append(task), manifests.append(m)
     if len({t.classes is None for t in tasks}) > 1:
         raise BrickMismatchError("cannot mix class-partition TSNs and latent-factor TSNs in one network")
-    net = AssembledNetwork(FactorNetworks(ckn, tsns), tasks, ckn_manifest["num_classes_total"], manifests,
-                           [m["temperature"] for m in manifests[1:]])
+    kind = AssembledClassifier if tasks[0].classes is not None else AssembledMultiTask
+    net = kind(FactorNetworks(ckn_net, tsns), tasks, ckn_manifest["num_classes_total"], manifests,
+               [m["temperature"] for m in manifests[1:]], ckn_manifest.get("normalize"))
+    net.info = _describe(net)
     return net.eval()
 
 
+def _describe(net: AssembledNetwork) -> Dict[str, Any]:
+    """What the assembled network takes and gives (recorded in assembled.json and in exported files)."""
+    ckn = net.manifests[0]
+    names: List[Any] = [None] * net.num_classes
+    for m in net.manifests[1:]:
+        for c, n in zip(m["task"].get("classes") or (), m.get("class_names") or ()):
+            names[c] = n
+    return {
+        "kind": "assembled",
+        "input": {"shape": input_shape_of(ckn["architecture"]), "normalize": ckn.get("normalize"), "convention": RAW_INPUT},
+        "outputs": net.output_names,
+        "output_kind": "log-probabilities over the classes (-inf: no chosen brick covers it)" if net.is_class_union else "logits per task",
+        "classes": net.classes if net.is_class_union else None,
+        "class_names": names if net.is_class_union else None,
+        "tasks": [t.to_dict() for t in net.tasks],
+    }
+
+
+ASSEMBLED_FORMAT = "kbricks-assembled-v2"
+ASSEMBLED_WEIGHTS = "assembled.safetensors"
+
+
+def _assembled_signature(manifest: Dict[str, Any]) -> str:
+    """Signs every field of assembled.json but the signature itself: the file is written once, never edited."""
+    body = {k: v for k, v in manifest.items() if k != "fingerprint"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
 def save_assembled(net: AssembledNetwork, out_dir: Union[str, Path], overwrite: bool = False) -> Path:
-    """The assembled network as one safetensors file plus a manifest naming its bricks. An existing assembly in
-    ``out_dir`` is only replaced with ``overwrite``."""
+    """The assembled network as one safetensors file plus ``assembled.json``, which holds every brick's manifest:
+    :func:`load_assembled` rebuilds the network from these two files alone. An existing assembly in ``out_dir`` is
+    only replaced with ``overwrite``."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise KbricksError(f"--out {str(out)!r} is a file, not a directory")
@@ -196,14 +249,58 @@ def save_assembled(net: AssembledNetwork, out_dir: Union[str, Path], overwrite: 
         raise KbricksError(f"{out} already holds an assembled network; pass --overwrite to replace it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     tensors = net.factors.state_dict()
-    save_safetensors(tensors, out / "assembled.safetensors", {"format": "kbricks-assembled-v1"})
+    save_safetensors(tensors, out / ASSEMBLED_WEIGHTS, {"format": ASSEMBLED_FORMAT})
     manifest = {
-        "format": "kbricks-assembled-v1",
+        "format": ASSEMBLED_FORMAT,
+        "kbricks": __version__,
+        **{k: v for k, v in net.info.items() if k not in ("fingerprint", "source")},
         "ckn": net.manifests[0]["fingerprint"],
         "tsns": [{"task": m["task"]["name"], "fingerprint": m["fingerprint"], "temperature": m["temperature"]} for m in net.manifests[1:]],
-        "classes": net.classes if net.is_class_union else None,
-        "fingerprint": fingerprint(tensors),
+        "bricks": net.manifests,
+        "weights": ASSEMBLED_WEIGHTS,
+        "weights_fingerprint": fingerprint(tensors),
         "provenance": net.manifests[0]["provenance"],
     }
-    (out / "assembled.json").write_text(json.dumps(manifest, indent=2))
+    manifest["fingerprint"] = _assembled_signature(manifest)
+    atomic_write_bytes(out / "assembled.json", lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    net.info.update(fingerprint=manifest["fingerprint"], source=str(out))
     return out / "assembled.json"
+
+
+def load_assembled(path: Union[str, Path]) -> AssembledNetwork:
+    """Rebuild an assembled network from ``assembled.json`` + ``assembled.safetensors`` alone (a directory or the
+    JSON file), in eval mode, taking raw inputs. The weights must hash to the manifest's fingerprint, the manifest
+    must be unedited, and each brick's slice of the weights must match that brick's own fingerprint."""
+    p = Path(path)
+    json_path = p / "assembled.json" if p.is_dir() else p
+    m = read_json(json_path, f"no assembled network at {str(path)!r} (expected a directory with assembled.json)")
+    where = f"assembled network {json_path}"
+    if not isinstance(m, dict) or m.get("format") != ASSEMBLED_FORMAT:
+        found = m.get("format") if isinstance(m, dict) else type(m).__name__
+        if found == "kbricks-assembled-v1":
+            raise CheckpointError(f"{where} was written by kbricks 0.2 without its bricks' manifests; assemble the bricks again (kbricks assemble)")
+        raise CheckpointError(f"{json_path} is not a kbricks assembled network (format {ASSEMBLED_FORMAT!r} expected, found {found!r})")
+    missing = [k for k in ("bricks", "weights_fingerprint", "fingerprint") if k not in m]
+    if missing:
+        raise CheckpointError(f"{where}: the manifest lacks {missing}")
+    tensors = load_safetensors(json_path.parent / ASSEMBLED_WEIGHTS)
+    if fingerprint(tensors) != m["weights_fingerprint"]:
+        raise CheckpointError(f"{where}: {ASSEMBLED_WEIGHTS} does not match the manifest fingerprint (modified or corrupt file)")
+    if _assembled_signature(m) != m["fingerprint"]:
+        raise CheckpointError(f"{where}: the manifest was modified after it was written; assemble the bricks again instead of editing it")
+    bricks = m["bricks"]
+    if not isinstance(bricks, list) or len(bricks) < 2:
+        raise CheckpointError(f"{where}: 'bricks' must list the CKN's manifest and at least one TSN's")
+    pieces: List[Brick] = []
+    for i, bm in enumerate(bricks):
+        prefix = "ckn." if i == 0 else f"tsns.{i - 1}."
+        name = f"{bm.get('kind', 'brick') if isinstance(bm, dict) else 'brick'} #{i} of {json_path.name}"
+        _check_manifest(name, bm)
+        part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        _verify_brick(name, bm, part)
+        pieces.append((name, bm, part))
+    if pieces[0][1]["kind"] != "ckn":
+        raise CheckpointError(f"{where}: its first brick is a {pieces[0][1]['kind']}, not the CKN")
+    net = _build(pieces[0], pieces[1:])
+    net.info.update(fingerprint=m["fingerprint"], source=str(json_path.parent))
+    return net

@@ -63,14 +63,15 @@ def kf_report(exp, run_dir: Path, baseline: Optional[Path] = None) -> Dict[str, 
     bricks = run_dir / "bricks"
     tsn_paths = [bricks / f"tsn-{t.name}.json" for t in tasks]
     net = assemble(bricks / "ckn.json", tsn_paths)
-    report.update(_prefixed(ev(Predictor(net)), "assembled"))
+    raw = lambda x, train=False: x  # noqa: E731  (the assembled network normalises its raw inputs itself)
+    report.update(_prefixed(evaluate(Predictor(net), test, tasks, raw, exp.device), "assembled"))
     report["assembled_matches_factors"] = report["assembled/acc"] == report["kf/acc"]
     if all(t.classes is not None for t in tasks) and len(tasks) > 1:
         # every single brick, assembled alone: a classifier over its own classes, scored on those classes
         for t, path in zip(tasks, tsn_paths):
             solo = assemble(bricks / "ckn.json", [path])
             sub_global = test.subset(t.member_mask(test.y).nonzero().squeeze(1))
-            report[f"assembled_single/{t.name}"] = evaluate(Predictor(solo), sub_global, [t], tf, exp.device)["acc"]
+            report[f"assembled_single/{t.name}"] = evaluate(Predictor(solo), sub_global, [t], raw, exp.device)["acc"]
 
     kd = None
     if baseline is not None:

@@ -132,6 +132,12 @@ def test_cl_metrics_hand_values():
     assert m["bwt"] == pytest.approx(((0.7 - 0.9) + (0.9 - 0.95)) / 2)
     assert m["forgetting"] == pytest.approx(((0.9 - 0.7) + (0.95 - 0.9)) / 2)
     assert cl_metrics([[1.0, 0], [1.0, 1.0]])["forgetting"] == 0.0
+    # an empty row (a block of tasks learned as a unit): each task counts from the first row that evaluates it
+    m = cl_metrics([[None, None, None], [0.9, 0.8, None], [0.85, 0.8, 0.7]])
+    assert m["bwt"] == pytest.approx(((0.85 - 0.9) + 0.0) / 2) and m["forgetting"] == pytest.approx((0.05 + 0.0) / 2)
+    assert m["avg_incremental_acc"] == pytest.approx(((0.9 + 0.8) / 2 + (0.85 + 0.8 + 0.7) / 3) / 2)
+    with pytest.raises(ValueError, match="last row"):
+        cl_metrics([[0.9, None], [None, None]])
 
 
 def test_rotation_and_scenarios():
@@ -213,10 +219,11 @@ def test_run_metrics_params_and_task_inference(tmp_path):
     assert sum(1 for r in rows if r.get("stage") == "mask") == 3 * 6  # one row per epoch per task, as in `train`
     il = run_continual(tiny("impresslearn", **{"method.impressions": 2}), tmp_path / "i")
     assert il["params_per_task"] == 3 * 2 and il["bytes_per_task"] == 4 * 6 and il["stored_masks"] == 2
-    # seed tasks 1-2 are evaluated with their own mask until the 2nd impression exists, then with their alpha over
-    # both impressions: from then on no column changes
+    # the seed tasks 1-2 are one block (their alphas span both impressions): nothing is evaluated inside it, and
+    # no column changes afterwards
     R = il["accuracy_matrix"]
-    assert all(len({R[i][j] for i in range(1, 3)}) == 1 for j in range(3) if R[1][j] is not None)
+    assert R[0] == [None, None, None] and il["forgetting"] == 0.0 and il["bwt"] == 0.0
+    assert all(len({R[i][j] for i in range(1, 3)}) == 1 for j in range(2))
     assert il["alpha_fit"]["task"] == [0, 1, 2]
 
 

@@ -6,11 +6,12 @@ linear combination of them, one coefficient vector of length k per masked layer:
 Impressions (``source``):
 
 * ``heterogeneous`` - masks of the first tasks (``per_task`` each). Every task's alpha spans all k impressions, so
-  the first tasks form a *seed phase* (as in the paper, where the impressions are SupSup masks of seed tasks learned
-  before any alpha): with ``seed_tasks: refit`` (default) the seed tasks are evaluated with their own mask until the
-  last impression exists, then each seed task's alpha is fit over all k impressions on its own training data (the
-  seed tasks' data are used a second time, right after they were learned); with ``seed_tasks: own_mask`` the seed
-  tasks keep their own impression (a one-hot alpha) and no data is revisited.
+  the first tasks form a *seed phase* learned as one block (as in the paper, where the impressions are SupSup masks
+  of seed tasks learned before any alpha): with ``seed_tasks: refit`` (default), once the last impression exists each
+  seed task's alpha is fit over all k impressions on its own training data (the seed tasks' data are used a second
+  time, right after they were learned), and nothing is evaluated inside the block (empty accuracy-matrix rows); with
+  ``seed_tasks: own_mask`` the seed tasks keep their own impression (a one-hot alpha), no data is revisited and every
+  task is evaluated as usual.
 * ``homogeneous`` - k masks of task 0, each with its own score initialisation and data order (the stage index
   seeds both).
 * ``random`` - Bernoulli(density) masks.
@@ -196,6 +197,11 @@ class ImpressLearn(ContinualStrategy):
 
     def after_task(self, t: int) -> None:
         self.learned = t + 1
+
+    def evaluated_after(self, t: int) -> bool:
+        # the seed phase is one block, as in the paper where the impressions exist before any task is evaluated
+        p = self.params
+        return not (p.source == "heterogeneous" and p.seed_tasks == "refit" and t < self.seed_count - 1)
 
     # ---- training ------------------------------------------------------------------------------------------
     def training_source(self) -> MaskSource:

@@ -109,6 +109,11 @@ class ContinualStrategy(Method):
     def after_task(self, t: int) -> None:
         pass
 
+    def evaluated_after(self, t: int) -> bool:
+        """Whether the seen tasks are evaluated after task t (False inside a block of tasks learned as a unit, e.g.
+        ImpressLearn's seed phase: their accuracy-matrix row is empty)."""
+        return True
+
     # ---- training ------------------------------------------------------------------------------------------
     def training_source(self) -> Optional[MaskSource]:  # pragma: no cover - abstract
         raise NotImplementedError

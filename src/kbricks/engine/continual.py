@@ -118,9 +118,10 @@ class ContinualTrainer:
             t0 = time.time()
             self.learn_task(t)
             self.seconds.append(time.time() - t0)
-            self.R.append([self.accuracy(j) if j <= t else None for j in range(T)])
+            evaluated = self.strategy.evaluated_after(t)  # not inside a block of tasks learned as a unit
+            self.R.append([self.accuracy(j) if j <= t and evaluated else None for j in range(T)])
             row = {"task": t + 1, "name": self.tasks[t].name, "acc_current": self.R[t][t],
-                   "avg_acc_seen": sum(self.R[t][: t + 1]) / (t + 1), "seconds": self.seconds[-1]}
+                   "avg_acc_seen": sum(self.R[t][: t + 1]) / (t + 1) if evaluated else None, "seconds": self.seconds[-1]}
             self.checkpoint(t + 1)
             self._hook("on_task_end", t + 1, row)
             dist.barrier()

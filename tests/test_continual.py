@@ -164,7 +164,7 @@ def tiny(method="supsup", tasks=3, **over):
             "train": {"epochs": 6, "batch_size": 64, "progress": "off", "plots": False},
             "inference": {"images": [16], "trials_per_task": 5, "methods": ["one_shot", "binary"]}}
     if method == "impresslearn":
-        data["method"].update(impressions=3, alpha_optim={"name": "adam", "lr": 0.05, "weight_decay": 0.0, "schedule": "constant"})
+        data["method"].update(impressions=3, alpha_epochs=2, alpha_optim={"name": "adam", "lr": 0.05, "weight_decay": 0.0, "schedule": "constant"})
     return build_config(data, [f"{k}={v}" for k, v in over.items()])
 
 

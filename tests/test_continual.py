@@ -132,6 +132,12 @@ def test_cl_metrics_hand_values():
     assert m["bwt"] == pytest.approx(((0.7 - 0.9) + (0.9 - 0.95)) / 2)
     assert m["forgetting"] == pytest.approx(((0.9 - 0.7) + (0.95 - 0.9)) / 2)
     assert cl_metrics([[1.0, 0], [1.0, 1.0]])["forgetting"] == 0.0
+    # an empty row (a block of tasks learned as a unit): each task counts from the first row that evaluates it
+    m = cl_metrics([[None, None, None], [0.9, 0.8, None], [0.85, 0.8, 0.7]])
+    assert m["bwt"] == pytest.approx(((0.85 - 0.9) + 0.0) / 2) and m["forgetting"] == pytest.approx((0.05 + 0.0) / 2)
+    assert m["avg_incremental_acc"] == pytest.approx(((0.9 + 0.8) / 2 + (0.85 + 0.8 + 0.7) / 3) / 2)
+    with pytest.raises(ValueError, match="last row"):
+        cl_metrics([[0.9, None], [None, None]])
 
 
 def test_rotation_and_scenarios():
@@ -155,10 +161,10 @@ def tiny(method="supsup", tasks=3, **over):
             "model": {"name": "masked_mlp", "kwargs": {"hidden": [64, 64]}},
             "method": {"name": method, "density": 0.5},
             "optim": {"name": "adam", "lr": 0.02, "weight_decay": 0.0, "schedule": "constant"},
-            "train": {"epochs": 9, "batch_size": 64, "progress": "off", "plots": False},
+            "train": {"epochs": 6, "batch_size": 64, "progress": "off", "plots": False},
             "inference": {"images": [16], "trials_per_task": 5, "methods": ["one_shot", "binary"]}}
     if method == "impresslearn":
-        data["method"].update(impressions=3, alpha_optim={"name": "adam", "lr": 0.05, "weight_decay": 0.0, "schedule": "constant"})
+        data["method"].update(impressions=3, alpha_epochs=2, alpha_optim={"name": "adam", "lr": 0.05, "weight_decay": 0.0, "schedule": "constant"})
     return build_config(data, [f"{k}={v}" for k, v in over.items()])
 
 
@@ -166,11 +172,13 @@ def tiny(method="supsup", tasks=3, **over):
 def test_no_forgetting_bit_for_bit_and_frozen_backbone(method, tmp_path):
     from kbricks.core.hooks import Hook
 
-    cfg = tiny(method)
+    cfg = tiny(method, **({"method.impressions": 2} if method == "impresslearn" else {}))
     exp = build_experiment(cfg)
     strategy = exp.method
     weights = {n: b.clone() for n, b in strategy.named_buffers() if n.endswith("weight")}
     logits_after = {}
+
+    final_from = getattr(strategy, "seed_count", 1)  # ImpressLearn's seed tasks get their alpha when the seed phase ends
 
     class Check(Hook):
         def on_task_end(self, trainer, task, metrics):
@@ -178,7 +186,7 @@ def test_no_forgetting_bit_for_bit_and_frozen_backbone(method, tmp_path):
             for j in range(task):
                 x = exp.transform(exp.scenario[j].test.x, train=False)
                 out = strategy.predict_task(x, j)
-                if j in logits_after:
+                if j in logits_after and task > final_from:
                     assert torch.equal(out, logits_after[j]), f"task {j} changed after learning task {task - 1}"
                 logits_after[j] = out
 
@@ -190,7 +198,9 @@ def test_no_forgetting_bit_for_bit_and_frozen_backbone(method, tmp_path):
         if n.endswith("weight"):
             assert torch.equal(b, weights[n]), f"backbone weight {n} changed"
     acc = [(logits_after[j].argmax(1) == exp.scenario[j].test.y).float().mean().item() for j in range(3)]
-    assert min(acc) > 0.5  # 10 classes: chance is 0.1
+    # 10 classes: chance is 0.1. ImpressLearn's task 2 is not an impression, and permutations are unrelated tasks:
+    # two impressions do not carry over to it (the CL study measures how far they do)
+    assert min(acc[:2] if method == "impresslearn" else acc) > 0.5
 
 
 def test_run_metrics_params_and_task_inference(tmp_path):
@@ -206,10 +216,15 @@ def test_run_metrics_params_and_task_inference(tmp_path):
         assert (tmp_path / "s" / f).exists(), f
     rows = read_jsonl(tmp_path / "s" / "metrics.jsonl")
     assert [r["task"] for r in rows if "acc_current" in r] == [1, 2, 3]
-    assert sum(1 for r in rows if r.get("stage") == "mask") == 3 * 9  # one row per epoch per task, as in `train`
+    assert sum(1 for r in rows if r.get("stage") == "mask") == 3 * 6  # one row per epoch per task, as in `train`
     il = run_continual(tiny("impresslearn", **{"method.impressions": 2}), tmp_path / "i")
-    assert il["params_per_task"] == 3 * 2 and il["bytes_per_task"] == 4 * 6
-    assert il["forgetting"] == 0.0 and il["stored_masks"] == 2
+    assert il["params_per_task"] == 3 * 2 and il["bytes_per_task"] == 4 * 6 and il["stored_masks"] == 2
+    # the seed tasks 1-2 are one block (their alphas span both impressions): nothing is evaluated inside it, and
+    # no column changes afterwards
+    R = il["accuracy_matrix"]
+    assert R[0] == [None, None, None] and il["forgetting"] == 0.0 and il["bwt"] == 0.0
+    assert all(len({R[i][j] for i in range(1, 3)}) == 1 for j in range(2))
+    assert il["alpha_fit"]["task"] == [0, 1, 2]
 
 
 def test_one_shot_inference_picks_the_right_task(tmp_path):
@@ -225,16 +240,17 @@ def test_one_shot_inference_picks_the_right_task(tmp_path):
 
 
 def test_resume_after_a_task_gives_the_same_run(tmp_path):
-    full = run_continual(tiny(inference="null"), tmp_path / "full")
-    assert run_continual(tiny(inference="null"), tmp_path / "part", stop_after=1)["stopped_after"] == 1
+    short = {"inference": "null", "train.epochs": 2}
+    full = run_continual(tiny(**short), tmp_path / "full")
+    assert run_continual(tiny(**short), tmp_path / "part", stop_after=1)["stopped_after"] == 1
     with pytest.raises(ConfigError, match="--resume"):
-        run_continual(tiny(inference="null"), tmp_path / "part")
-    resumed = run_continual(tiny(inference="null"), tmp_path / "part", resume=True)
+        run_continual(tiny(**short), tmp_path / "part")
+    resumed = run_continual(tiny(**short), tmp_path / "part", resume=True)
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time_s", "seconds")} for r in rows]  # noqa: E731
     assert strip(read_jsonl(tmp_path / "part/metrics.jsonl")) == strip(read_jsonl(tmp_path / "full/metrics.jsonl"))
     with pytest.raises(CheckpointError, match="different"):
-        run_continual(tiny(inference="null", seed=5), tmp_path / "part", resume=True)
+        run_continual(tiny(seed=5, **short), tmp_path / "part", resume=True)
 
 
 def test_config_errors():

@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("kind", choices=["kf", "cl", "sskt"])
     st.add_argument("--dataset", choices=["digits", "mnist5k", "dsprites", "digits-ablation", "dsprites-ablation", "selection"],
                     help="kf only: a main study, an IMB ablation, or the validation-split selection of hyper-parameters")
-    st.add_argument("--scenario", choices=["permuted", "rotated"], default="permuted", help="cl only")
+    st.add_argument("--scenario", choices=["permuted", "rotated", "split", "scale"], default="permuted", help="cl only")
     st.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     st.add_argument("--out", default="results/runs")
     st.add_argument("--quick", action="store_true", help="small budgets (smoke test)")

@@ -125,11 +125,17 @@ class TrainConfig(Strict):
 
 
 class InferenceConfig(Strict):
-    """Continual runs: task inference when the task id is missing (SupSup's GN setting)."""
+    """Continual runs: inference when the task id is missing (SupSup's GN setting; ImpressLearn's re-fit)."""
 
     images: List[int] = Field(default_factory=lambda: [1, 16], description="images per inference batch")
-    trials_per_task: int = Field(20, ge=1)
-    methods: List[Literal["one_shot", "binary"]] = Field(default_factory=lambda: ["one_shot", "binary"])
+    trials_per_task: int = Field(200, ge=1, description="random test batches per task and batch size")
+    methods: List[Literal["one_shot", "binary", "refit_uniform", "refit_nearest"]] = Field(
+        default_factory=lambda: ["one_shot", "binary"], description="SupSup's rules; refit_*: ImpressLearn re-fits its coefficients")
+    objective: Literal["entropy", "g"] = Field("entropy", description="what SupSup's rules minimise (g: superfluous outputs)")
+    first_image: bool = Field(True, description="also: is each task identified from its first test image alone (SupSup notebook)")
+    refit_steps: int = Field(25, ge=1, description="refit: Adam steps of entropy minimisation on the batch")
+    refit_lr: float = Field(0.01, gt=0)
+    refit_trials_per_task: Optional[int] = Field(None, ge=1, description="refit: trials per task (default: trials_per_task)")
 
 
 class RunConfig(Strict):

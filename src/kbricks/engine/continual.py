@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..config import InferenceConfig, RunConfig
-from ..continual.inference import infer_task
+from ..continual.inference import infer_task, refit_coefficients
 from ..continual.metrics import cl_metrics
 from ..continual.strategy import ContinualStrategy
 from ..core import dist
@@ -118,20 +118,20 @@ class ContinualTrainer:
             t0 = time.time()
             self.learn_task(t)
             self.seconds.append(time.time() - t0)
-            self.R.append([self.accuracy(j) if j <= t else None for j in range(T)])
+            evaluated = self.strategy.evaluated_after(t)  # not inside a block of tasks learned as a unit
+            self.R.append([self.accuracy(j) if j <= t and evaluated else None for j in range(T)])
             row = {"task": t + 1, "name": self.tasks[t].name, "acc_current": self.R[t][t],
-                   "avg_acc_seen": sum(self.R[t][: t + 1]) / (t + 1), "seconds": self.seconds[-1]}
+                   "avg_acc_seen": sum(self.R[t][: t + 1]) / (t + 1) if evaluated else None, "seconds": self.seconds[-1]}
             self.checkpoint(t + 1)
             self._hook("on_task_end", t + 1, row)
             dist.barrier()
             if stop_after is not None and t + 1 >= stop_after and t + 1 < T:
                 return {"stopped_after": t + 1}
         result = self.summarize()
-        if self.cfg.inference is not None and T > 1:
-            if self.strategy.net.has_task_batchnorm():
-                result["task_inference"] = "skipped: per-task BN statistics need the task id"
-            else:
-                result.update(evaluate_inference(self.strategy, self.tasks, self.exp.transform, self.cfg.inference, self.cfg.seed))
+        if self.cfg.inference is not None and T > 1 and self.strategy.supports_task_inference():
+            t0 = time.time()
+            result.update(evaluate_inference(self.strategy, self.tasks, self.exp.transform, self.cfg.inference, self.cfg.seed))
+            result["inference_seconds"] = time.time() - t0
         if dist.is_main_process():
             self.export(result)
         self._hook("on_fit_end", result)
@@ -144,8 +144,8 @@ class ContinualTrainer:
             "name": self.cfg.name, "seed": self.cfg.seed, "method": self.cfg.method.name, "tasks": [t.name for t in self.tasks],
             "accuracy_matrix": full, **cl_metrics(full), "final_accs": full[-1],
             "params_per_task": storage["entries"], "bytes_per_task": storage["bytes"], "per_task_state": storage["what"],
-            "weights_per_mask": s.net.weights_per_mask(), "stored_masks": s.net.num_stored(),
-            "train_seconds": sum(self.seconds), "chance": [1.0 / t.num_classes for t in self.tasks],
+            **s.summary(), "train_seconds": sum(self.seconds), "task_seconds": list(self.seconds),
+            "chance": [1.0 / t.num_classes for t in self.tasks],
         }
 
     def export(self, result: Dict[str, Any]) -> None:
@@ -153,7 +153,7 @@ class ContinualTrainer:
         save_safetensors(tensors, self.run_dir / "model.safetensors", {"format": "kbricks-supermask-v1"})
         from ..core.checkpoint import fingerprint
 
-        card = {"model": self.cfg.model.model_dump(), "method": self.cfg.method.name, "network": "supermask",
+        card = {"model": self.cfg.model.model_dump(), "method": self.cfg.method.name, "network": "supermask" if self.strategy.masked else "dense",
                 "data": self.cfg.data.name, "scenario": self.cfg.data.scenario.model_dump(),
                 "tasks": [{"name": t.name, "num_classes": t.num_classes} for t in self.tasks],
                 "normalize": {"mean": self.exp.transform.mean, "std": self.exp.transform.std},
@@ -177,28 +177,94 @@ def flat_state(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     return out
 
 
+def trial_batch(data: TaskData, seed: int, n_img: int, task: int, trial: int) -> torch.Tensor:
+    """Indices of one inference trial: a function of (seed, batch size, task, trial) only, so every rule, and every
+    run on the same scenario and seed (SupSup vs ImpressLearn), sees the same batches."""
+    g = torch.Generator().manual_seed(derive_seed(seed, 99, n_img, task, trial))
+    return torch.randint(0, len(data.test), (n_img,), generator=g)
+
+
 @torch.no_grad()
-def evaluate_inference(strategy: ContinualStrategy, tasks: List[TaskData], transform, cfg: InferenceConfig, seed: int) -> Dict[str, float]:
-    """Task-id accuracy, and the accuracy of classifying with the inferred id (a wrong id counts as wrong:
-    SupSup's GNu rule), per batch size and rule, over ``trials_per_task`` random batches per task."""
-    out: Dict[str, float] = {}
-    g = torch.Generator().manual_seed(derive_seed(seed, 99))
+def evaluate_inference(strategy: ContinualStrategy, tasks: List[TaskData], transform, cfg: InferenceConfig, seed: int) -> Dict[str, Any]:
+    """Inference without the task id over ``trials_per_task`` random test batches per task and batch size:
+
+    * ``task_inference/<rule>/<n>img``: how often SupSup's rule (one_shot, binary) names the right task;
+    * ``gnu_acc/<rule>/<n>img``: label accuracy when a wrong task counts as wrong (SupSup's GNu);
+    * ``gns_acc/<rule>/<n>img``: label accuracy classifying with whatever task was inferred (shared labels);
+    * ``refit_<init>``: ImpressLearn's re-fit coefficients: ``gns_acc`` is its label accuracy and ``task_inference``
+      how often the stored alpha nearest to the re-fit one is the right task;
+    * ``task_inference/<rule>/first_image``: fraction of tasks identified from their first test image alone (the
+      SupSup notebook's "100% from 1 image" is this, with one fixed image per task);
+    * ``seconds_per_inference/<rule>/<n>img``."""
+    out: Dict[str, Any] = {}
     strategy.eval()
     for m in cfg.methods:
+        refit = m.startswith("refit_")
+        if refit and strategy.task_coefficients() is None:
+            continue  # one mask per task: nothing to re-fit
+        trials = (cfg.refit_trials_per_task or cfg.trials_per_task) if refit else cfg.trials_per_task
         for n_img in cfg.images:
-            right_task = right_label = total = 0
+            right_task = gnu = gns = total = 0
+            t0 = time.perf_counter()
             for t, data in enumerate(tasks):
-                for _ in range(cfg.trials_per_task):
-                    idx = torch.randint(0, len(data.test), (n_img,), generator=g)
+                for trial in range(trials):
+                    idx = trial_batch(data, seed, n_img, t, trial)
                     x, y = transform(data.test.x[idx], train=False), data.test.y[idx]
-                    guess = infer_task(strategy, x, m)
+                    if refit:
+                        logits, guess = refit_coefficients(strategy, x, m[len("refit_"):], cfg.refit_steps, cfg.refit_lr)
+                    else:
+                        guess = infer_task(strategy, x, m, cfg.objective)
+                        logits = strategy.predict_task(x, guess)
+                    correct = int((logits[:, : tasks[guess].num_classes].argmax(1) == y).sum())
                     right_task += int(guess == t)
-                    if guess == t:
-                        pred = strategy.predict_task(x, t)[:, : data.num_classes].argmax(1)
-                        right_label += int((pred == y).sum())
+                    gns += correct
+                    gnu += correct if guess == t else 0
                     total += n_img
-            out[f"task_inference/{m}/{n_img}img"] = right_task / (len(tasks) * cfg.trials_per_task)
-            out[f"gn_acc/{m}/{n_img}img"] = right_label / total
+            count = len(tasks) * trials
+            out[f"task_inference/{m}/{n_img}img"] = right_task / count
+            out[f"gns_acc/{m}/{n_img}img"] = gns / total
+            if not refit:
+                out[f"gnu_acc/{m}/{n_img}img"] = gnu / total
+            out[f"seconds_per_inference/{m}/{n_img}img"] = (time.perf_counter() - t0) / count
+        if cfg.first_image and not refit:
+            hits = [int(infer_task(strategy, transform(d.test.x[:1], train=False), m, cfg.objective) == t) for t, d in enumerate(tasks)]
+            out[f"task_inference/{m}/first_image"] = sum(hits) / len(tasks)
+    out["inference_trials_per_task"] = cfg.trials_per_task
+    if any(m.startswith("refit_") for m in cfg.methods) and strategy.task_coefficients() is not None:
+        out["inference_refit_trials_per_task"] = cfg.refit_trials_per_task or cfg.trials_per_task
+    return out
+
+
+def load_continual_run(run_dir: Path) -> Experiment:
+    """The experiment of a finished (or interrupted) continual run with its last checkpoint loaded."""
+    from ..errors import KbricksError
+    from .experiment import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise KbricksError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    exp = build_experiment(load_config(run_dir / "config.yaml"))
+    state = load_checkpoint(run_dir / "ckpt" / "last.pt")
+    load_state_into(exp.method, state["model"], "continual strategy")
+    exp.method.eval()
+    return exp
+
+
+@torch.no_grad()
+def mask_transfer_matrix(exp: Experiment) -> List[List[float]]:
+    """A[i][j]: test accuracy on task j of stored mask i alone (with mask i's own BatchNorm statistics): ImpressLearn's
+    sanity check that an impression on a task it was not trained for is near chance."""
+    from ..models.masked import StoredMask
+
+    s, bs = exp.method, exp.cfg.train.eval_batch_size
+    xs = [exp.transform(t.test.x.to(exp.device), train=False) for t in exp.scenario]
+    out = []
+    for i in range(s.net.num_stored()):
+        row = []
+        for data, x in zip(exp.scenario, xs):
+            logits = torch.cat([s.task_logits(x[b:b + bs], StoredMask(i), i) for b in range(0, len(x), bs)])
+            row.append((logits[:, : data.num_classes].argmax(1).cpu() == data.test.y).float().mean().item())
+        out.append(row)
     return out
 
 

@@ -59,6 +59,7 @@ def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
 # ---- packed mask storage -------------------------------------------------------------------------------------
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+_BYTE_BITS = torch.tensor([[(v >> (7 - k)) & 1 for k in range(8)] for v in range(256)], dtype=torch.float32)  # [256, 8]
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -70,16 +71,32 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return (flat.view(-1, 8) * _BIT_WEIGHTS.to(flat.device)).sum(1, dtype=torch.uint8)
 
 
+def byte_bits(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[256, 8]: the bits of every byte value, most significant first."""
+    return _BYTE_BITS.to(device=device, dtype=dtype)
+
+
+def unpack_float(packed: torch.Tensor, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`pack_bits` as 0/1 values over the last dimension: [..., ceil(numel/8)] uint8 -> [..., numel]
+    (one table lookup per byte)."""
+    return F.embedding(packed.long(), byte_bits(packed.device, dtype)).flatten(-2)[..., :numel]
+
+
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits` over the last dimension: [..., ceil(numel/8)] uint8 -> [..., numel] bool."""
-    bits = packed.unsqueeze(-1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
-    return bits.flatten(-2)[..., :numel]
+    return unpack_float(packed, numel) > 0
 
 
 class MaskBank(nn.Module):
     """The binary masks stored for one layer: packed 1 bit per weight, appended with capacity doubling (amortised
-    O(N) per mask), saved in checkpoints packed. A float view of the whole bank, needed only for task inference
-    and combinations, is built once and extended incrementally."""
+    O(N) per mask), saved in checkpoints packed. Reading one mask unpacks one row (cost independent of the bank
+    size). Superpositions and per-mask dot products (task inference, combinations) read the bank as a float
+    matrix, built once and extended incrementally while it fits in ``float_cache_bytes``; a larger bank is read
+    from the packed bytes directly, ``block_rows`` at a time, through per-byte lookup tables (a dot product with
+    a mask is a sum over its bytes of the byte's partial sum), so memory stays at 1 bit per weight."""
+
+    float_cache_bytes = 512 * 2**20  # per bank
+    block_rows = 64  # rows read at a time when streaming
 
     def __init__(self, shape: Sequence[int]):
         super().__init__()
@@ -112,13 +129,19 @@ class MaskBank(nn.Module):
         """Mask ``i`` unpacked, in the layer's shape (one row is read: cost independent of the bank size)."""
         if not 0 <= i < self.count:
             raise IndexError(f"mask slot {i} out of range: {self.count} masks stored")
-        return unpack_bits(self._packed[i], self.numel).view(self.shape).to(dtype)
+        return unpack_float(self._packed[i], self.numel, dtype).view(self.shape)
 
     def packed(self) -> torch.Tensor:
         return self._packed[: self.count]
 
+    def float_cached(self) -> bool:
+        """Whether the float view of the whole bank is kept in memory (else it is streamed in blocks)."""
+        return 4 * self.numel * max(4, self._packed.shape[0]) <= self.float_cache_bytes
+
     def as_float(self) -> torch.Tensor:
         """[count, numel] float32 0/1 matrix, cached; new masks are unpacked into spare capacity, not re-cast."""
+        if not self.float_cached():
+            return unpack_float(self.packed(), self.numel)
         if self._float is None or self._float.shape[0] < self.count or self._float.device != self._packed.device:
             cap = max(4, self._packed.shape[0])
             grown = torch.empty(cap, self.numel, device=self._packed.device)
@@ -128,14 +151,61 @@ class MaskBank(nn.Module):
                 self._float_rows = 0
             self._float = grown
         if self._float_rows < self.count:
-            self._float[self._float_rows: self.count] = unpack_bits(self._packed[self._float_rows: self.count], self.numel).float()
+            self._float[self._float_rows: self.count] = unpack_float(self._packed[self._float_rows: self.count], self.numel)
             self._float_rows = self.count
         return self._float[: self.count]
+
+    def blocks(self, rows: Optional[int] = None) -> Iterator[tuple]:
+        """(first slot, [n, numel] float block) over the first ``rows`` stored masks: the cached view in one block,
+        or unpacked ``block_rows`` at a time."""
+        rows = self.count if rows is None else rows
+        if self.float_cached():
+            yield 0, self.as_float()[:rows]
+            return
+        for start in range(0, rows, self.block_rows):
+            yield start, unpack_float(self._packed[start: min(rows, start + self.block_rows)], self.numel)
+
+    def _byte_view(self, x: torch.Tensor) -> torch.Tensor:
+        """A flat length-numel tensor as [bytes, 8] (zero-padded), aligned with the packed bytes."""
+        flat = x.reshape(-1).to(torch.float32)
+        return F.pad(flat, (0, 8 * self.nbytes - self.numel)).view(self.nbytes, 8)
+
+    def combine(self, weights: torch.Tensor) -> torch.Tensor:
+        """sum_i weights[i] * mask_i over the first ``len(weights)`` masks, in the layer's shape (differentiable
+        in ``weights``)."""
+        n = weights.shape[0]
+        if not self.float_cached() and not weights.requires_grad and n:
+            # per byte position b: H[b, v] = total weight of the masks whose byte b is v; the result is H @ bits
+            hist = torch.zeros(self.nbytes, 256, device=self._packed.device)
+            w = weights.detach().to(torch.float32)
+            for start in range(0, n, self.block_rows):
+                block = self._packed[start: min(n, start + self.block_rows)]
+                hist.scatter_add_(1, block.t().long(), w[start: start + block.shape[0]].expand(self.nbytes, -1))
+            return (hist @ byte_bits(hist.device)).reshape(-1)[: self.numel].view(self.shape)
+        out: Optional[torch.Tensor] = None
+        for start, block in self.blocks(n):
+            part = weights[start: start + block.shape[0]].to(block.dtype) @ block
+            out = part if out is None else out + part
+        if out is None:
+            out = weights.new_zeros(self.numel)
+        return out.view(self.shape)
+
+    def dots(self, g: torch.Tensor) -> torch.Tensor:
+        """<mask_i, g> for every stored mask: [count]."""
+        if not self.count:
+            return g.new_zeros(0)
+        if self.float_cached():
+            return self.as_float() @ g.reshape(-1).to(torch.float32)
+        # per byte position b and byte value v, the sum of g over the bits of v: each mask is then nbytes lookups
+        table = self._byte_view(g) @ byte_bits(g.device).t()  # [nbytes, 256]
+        out = [torch.gather(table, 1, self._packed[s: min(self.count, s + self.block_rows)].t().long()).sum(0)
+               for s in range(0, self.count, self.block_rows)]
+        return torch.cat(out)
 
     def total(self) -> torch.Tensor:
         """Sum of the stored masks (the uniform superposition times ``count``), cached."""
         if self._sum is None:
-            self._sum = self.as_float().sum(0).view(self.shape)
+            self._sum = self.combine(torch.ones(self.count, device=self._packed.device))
         return self._sum
 
     def drop_caches(self) -> None:
@@ -194,8 +264,7 @@ class Combination(MaskSource):
         self.alpha = alpha
 
     def mask(self, index: int, layer: "MaskedLayer") -> torch.Tensor:
-        a = self.alpha[index]
-        return (a.to(layer.weight.dtype) @ layer.bank.as_float()[: a.shape[0]]).view(layer.bank.shape)
+        return layer.bank.combine(self.alpha[index])
 
 
 class FixedMasks(MaskSource):
@@ -283,6 +352,8 @@ class TaskBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(1, channels))
         self.register_buffer("running_var", torch.ones(1, channels))
         self.slot = 0
+        self.mode = "running"  # or "batch" / "calibrate": see SupermaskNet.batch_statistics / calibrating
+        self.seen = 0
 
     @property
     def slots(self) -> int:
@@ -303,7 +374,20 @@ class TaskBatchNorm(nn.Module):
             self.running_var = self.running_var.new_ones(n, self.channels)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def reset_slot(self, slot: int) -> None:
+        current = self.slot
+        self.use_slot(slot)  # grows the buffers when needed
+        self.slot = current
+        self.running_mean[slot].zero_()
+        self.running_var[slot].fill_(1.0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "batch":  # this batch's own statistics; nothing stored is read or changed
+            return F.batch_norm(x, None, None, training=True, eps=self.eps)
+        if self.mode == "calibrate":  # cumulative average of the batches seen since calibration began
+            self.seen += 1
+            return F.batch_norm(x, self.running_mean[self.slot], self.running_var[self.slot], training=True,
+                                momentum=1.0 / self.seen, eps=self.eps)
         # F.batch_norm updates the slot's row in place (a view of the buffer)
         return F.batch_norm(x, self.running_mean[self.slot], self.running_var[self.slot], training=self.training,
                             momentum=self.momentum, eps=self.eps)
@@ -354,6 +438,33 @@ class SupermaskNet(nn.Module):
             for bn, s in zip(self._bns, prev_slot):
                 bn.slot = s
 
+    @contextmanager
+    def batch_statistics(self) -> Iterator["SupermaskNet"]:
+        """Within the block every BatchNorm normalises with the statistics of the batch itself and no stored
+        statistics are read or changed (scoring candidate masks, test-time adaptation, task inference)."""
+        with self._bn_mode("batch"):
+            yield self
+
+    @contextmanager
+    def calibrating(self, task: int) -> Iterator["SupermaskNet"]:
+        """Within the block, forwards (with ``task``) re-estimate that task's BatchNorm statistics from scratch as
+        the plain average over the batches run (after choosing a different mask for a task)."""
+        for bn in self._bns:
+            bn.reset_slot(task)
+        with self._bn_mode("calibrate"):
+            yield self
+
+    @contextmanager
+    def _bn_mode(self, mode: str) -> Iterator[None]:
+        prev = [(bn.mode, bn.seen) for bn in self._bns]
+        try:
+            for bn in self._bns:
+                bn.mode, bn.seen = mode, 0
+            yield
+        finally:
+            for bn, (m, n) in zip(self._bns, prev):
+                bn.mode, bn.seen = m, n
+
     def new_scores(self, generator: Optional[torch.Generator] = None) -> List[nn.Parameter]:
         return [layer.new_scores(generator) for layer in self._layers]
 
@@ -374,6 +485,13 @@ class SupermaskNet(nn.Module):
 
     def weights_per_mask(self) -> int:
         return sum(layer.weight.numel() for layer in self._layers)
+
+    def mask_bytes(self) -> int:
+        """Bytes one stored mask takes in the banks (1 bit per weight, each layer padded to whole bytes)."""
+        return sum(layer.bank.nbytes for layer in self._layers)
+
+    def batchnorms(self) -> List[TaskBatchNorm]:
+        return self._bns
 
     def bn_values_per_task(self) -> int:
         return sum(2 * bn.channels for bn in self._bns)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from . import kf, sskt
-from .cl import CL_CLAIMS, run_cl_study
+from .cl import CL_CLAIMS, CL_STUDIES, run_cl_study
 from .common import read_study
 from .kf import KF_CLAIMS, run_kf_study
 from .sskt import SSKT_CLAIMS, run_sskt_study
@@ -79,8 +79,8 @@ def reproduce(quick: bool, out: Path = Path("results"), log: Callable[[str], Non
     kf_studies = ("digits", "dsprites") if quick else ("selection", "digits", "mnist5k", "dsprites", "digits-ablation", "dsprites-ablation")
     for dataset in kf_studies:
         run_kf_study(dataset, seeds3, runs, quick=quick, log=log, configs=configs)
-    run_cl_study(seeds3, runs, quick=quick, log=log, configs=configs)
-    run_cl_study(seeds3, runs, quick=quick, log=log, scenario="rotated", configs=configs)
+    for scenario in (("permuted", "rotated") if quick else CL_STUDIES):
+        run_cl_study(seeds3, runs, quick=quick, log=log, scenario=scenario, configs=configs)
     run_sskt_study(seeds3 if quick else [0, 1, 2, 3, 4], runs, quick=quick, log=log, configs=configs)
     log(f"[reproduce] studies took {(time.time() - t0) / 60:.1f} minutes")
     if not quick:

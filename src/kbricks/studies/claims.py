@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from ..engine.parallel import default_workers, run_parallel
 from .cl import CL_CLAIMS, run_cl_study
 from .common import read_study
 from .kf import KF_CLAIMS, run_kf_study
@@ -62,15 +63,24 @@ def readme_summary(runs: Path) -> str:
     return "\n".join(lines)
 
 
-def reproduce(quick: bool, out: Path = Path("results"), log: Callable[[str], None] = print, configs: Optional[Path] = None) -> Path:
+def reproduce(quick: bool, out: Path = Path("results"), log: Callable[[str], None] = print, configs: Optional[Path] = None,
+              workers: Optional[int] = None) -> Path:
+    """Every study (they are independent of each other) in ``workers`` parallel single-threaded processes
+    (default: one per core; see :mod:`kbricks.engine.parallel`), longest first; then REPRODUCTION(-quick).md."""
     runs = out / ("runs-quick" if quick else "runs")
     t0 = time.time()
     seeds3 = [0, 1, 2]
-    for dataset in (("digits", "dsprites") if quick else ("digits", "mnist5k", "dsprites")):
-        run_kf_study(dataset, seeds3, runs, quick=quick, log=log, configs=configs)
-    run_cl_study(seeds3, runs, quick=quick, log=log, configs=configs)
-    run_cl_study(seeds3, runs, quick=quick, log=log, scenario="rotated", configs=configs)
-    run_sskt_study(seeds3 if quick else [0, 1, 2, 3, 4], runs, quick=quick, log=log, configs=configs)
+    common = dict(quick=quick, configs=configs)
+    calls = [(run_kf_study, (dataset, seeds3, runs), common) for dataset in (("digits", "dsprites") if quick else ("digits", "mnist5k", "dsprites"))]
+    calls.append((run_sskt_study, (seeds3 if quick else [0, 1, 2, 3, 4], runs), common))
+    calls += [(run_cl_study, (seeds3, runs), dict(common, scenario=scenario)) for scenario in ("permuted", "rotated")]
+    workers = default_workers(len(calls)) if workers is None else max(1, workers)
+    log(f"[reproduce] {len(calls)} studies, {workers} worker process(es)")
+    if workers == 1:  # here, with the caller's log
+        for fn, args, kwargs in calls:
+            fn(*args, log=log, **kwargs)
+    else:
+        run_parallel(calls, workers)
     log(f"[reproduce] studies took {(time.time() - t0) / 60:.1f} minutes")
     if not quick:
         write_results(runs, out)

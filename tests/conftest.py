@@ -1,10 +1,12 @@
 import os
+import tempfile
 
 import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("KBRICKS_WORKERS", "1")  # library calls run their seeds in-process; test_parallel.py tests the pool
+os.environ.setdefault("KBRICKS_CACHE", tempfile.mkdtemp(prefix="kbricks-test-cache-"))  # parsed datasets, not in ~/.cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from ..engine.parallel import default_workers, run_parallel
+from ..engine.parallel import default_workers, run_parallel, timed
 from .cl import CL_CLAIMS, run_cl_study
 from .common import read_study
 from .kf import KF_CLAIMS, run_kf_study
@@ -77,11 +77,13 @@ def reproduce(quick: bool, out: Path = Path("results"), log: Callable[[str], Non
     workers = default_workers(len(calls)) if workers is None else max(1, workers)
     log(f"[reproduce] {len(calls)} studies, {workers} worker process(es)")
     if workers == 1:  # here, with the caller's log
-        for fn, args, kwargs in calls:
-            fn(*args, log=log, **kwargs)
+        times = [timed(fn, *args, log=log, **kwargs) for fn, args, kwargs in calls]
     else:
-        run_parallel(calls, workers)
-    log(f"[reproduce] studies took {(time.time() - t0) / 60:.1f} minutes")
+        times = run_parallel([(timed, (fn, *args), kwargs) for fn, args, kwargs in calls], workers)
+    for (fn, args, kwargs), (_, wall, cpu) in zip(calls, times):
+        what = " ".join(str(a) for a in args[:-2]) or kwargs.get("scenario", "")
+        log(f"[reproduce] {fn.__name__} {what}: {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU")
+    log(f"[reproduce] studies took {(time.time() - t0) / 60:.1f} minutes with {workers} worker(s)")
     if not quick:
         write_results(runs, out)
     return write_reproduction(runs, out, quick)

@@ -66,24 +66,44 @@ def timed(fn: Callable[..., Any], *args, **kwargs) -> Tuple[Any, float, float]:
     return result, time.perf_counter() - w0, time.process_time() - c0
 
 
-def run_parallel(calls: Sequence[Call], workers: Optional[int] = None) -> List[Any]:
-    """Run ``fn(*args, **kwargs)`` for every call, ``workers`` at a time in fresh processes; results in call order.
+_pool: Optional[ProcessPoolExecutor] = None
+_pool_key: Optional[tuple] = None
 
-    With one worker (or one call) everything runs here, in order. The first failure stops the pool (running calls
-    finish, queued ones are cancelled) and is raised here. ``fn`` must be importable (a module-level function)."""
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of ``workers`` spawned processes, kept for the next call (a study runs several sweeps: starting
+    Python and importing torch once per worker instead of once per sweep)."""
+    import atexit
+    import sys
+
+    global _pool, _pool_key
+    init = (worker_threads(workers), list(sys.path), user_modules())
+    key = (workers, init[0], tuple(init[2]))
+    if _pool is None or _pool_key != key or getattr(_pool, "_broken", False):
+        if _pool is None:
+            atexit.register(lambda: _pool is not None and _pool.shutdown(cancel_futures=True))
+        else:
+            _pool.shutdown(cancel_futures=True)
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process whose OpenMP pool is already running
+        _pool, _pool_key = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init), key
+    return _pool
+
+
+def run_parallel(calls: Sequence[Call], workers: Optional[int] = None) -> List[Any]:
+    """Run ``fn(*args, **kwargs)`` for every call, ``workers`` at a time in worker processes; results in call order.
+
+    With one worker (or one call) everything runs here, in order. The first failure is raised here once the calls
+    already running have finished; queued ones are cancelled. ``fn`` must be importable (a module-level function)."""
     workers = default_workers(len(calls)) if workers is None else max(1, min(workers, len(calls)))
     if workers == 1:
         return [fn(*args, **kwargs) for fn, args, kwargs in calls]
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process whose OpenMP pool is already running
-    import sys
-
-    init = (worker_threads(workers), list(sys.path), user_modules())
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init) as pool:
-        futures = [pool.submit(fn, *args, **kwargs) for fn, args, kwargs in calls]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
-        if failed:
-            for f in pending:
-                f.cancel()
-            raise failed[0].exception()
-        return [f.result() for f in futures]
+    pool = worker_pool(workers)
+    futures = [pool.submit(fn, *args, **kwargs) for fn, args, kwargs in calls]
+    done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+    failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
+    if failed:
+        for f in pending:
+            f.cancel()
+        wait([f for f in pending if not f.cancelled()])
+        raise failed[0].exception()
+    return [f.result() for f in futures]

@@ -6,6 +6,7 @@ holds / partly / does not hold.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -76,8 +77,16 @@ def reproduce(quick: bool, out: Path = Path("results"), log: Callable[[str], Non
     calls += [(run_cl_study, (seeds3, runs), dict(common, scenario=scenario)) for scenario in ("permuted", "rotated")]
     workers = default_workers(len(calls)) if workers is None else max(1, workers)
     log(f"[reproduce] {len(calls)} studies, {workers} worker process(es)")
-    if workers == 1:  # here, with the caller's log
-        times = [timed(fn, *args, log=log, **kwargs) for fn, args, kwargs in calls]
+    if workers == 1:  # here, with the caller's log; the sweeps inside the studies stay in this process too
+        saved = os.environ.get("KBRICKS_WORKERS")
+        os.environ["KBRICKS_WORKERS"] = "1"
+        try:
+            times = [timed(fn, *args, log=log, **kwargs) for fn, args, kwargs in calls]
+        finally:
+            if saved is None:
+                del os.environ["KBRICKS_WORKERS"]
+            else:
+                os.environ["KBRICKS_WORKERS"] = saved
     else:
         times = run_parallel([(timed, (fn, *args), kwargs) for fn, args, kwargs in calls], workers)
     for (fn, args, kwargs), (_, wall, cpu) in zip(calls, times):

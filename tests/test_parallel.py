@@ -39,6 +39,10 @@ def test_workers_are_single_threaded_see_user_registrations_and_raise_the_first_
     assert all(o["threads"] == int(o["env"]) == worker_threads(2) for o in out)
     assert all(o["nested_workers"] == 1 for o in out)  # a sweep inside a worker does not start another pool
     assert all(o["user_model"] for o in out)
+    # the next call reuses the same worker processes (a study's sweeps do not start Python again)
+    again = run_parallel([(probe, (i, tmp_path), {}) for i in (3, 4, 5, 6)], workers=2)
+    assert [o["i"] for o in again] == [3, 4, 5, 6]
+    assert len({o["pid"] for o in out + again}) <= 2  # a new pool would have brought new processes
 
 
 def test_one_worker_runs_in_order_here(tmp_path):

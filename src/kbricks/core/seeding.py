@@ -61,14 +61,22 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def default_threads() -> int:
-    """Intra-op threads when the user does not choose: ``KBRICKS_THREADS``, else 1 per process when several
-    processes share the machine (DDP ranks, parallel study workers), else every core."""
+    """Intra-op threads when the run does not choose (``train.num_threads``): ``KBRICKS_THREADS``, else **1**.
+
+    kbricks trains small networks on CPU, where a second intra-op thread buys little and one descheduled thread
+    stalls every parallel operation once another process competes for the cores (2.4-13x slower steps with one busy
+    neighbour on 2 cores). So each process uses one thread and the cores are used by running independent runs in
+    parallel processes (``kbricks sweep`` / ``reproduce`` ``--workers``; DDP ranks are processes too). A lone run on
+    an otherwise idle machine may be faster with more: ``KBRICKS_THREADS=N`` or ``-o train.num_threads=N``
+    (``make bench`` measures 1 vs 2 threads, idle and next to a busy process). The same thread count everywhere
+    also means a run gives the same numbers alone, in a sweep or in a study."""
     env = os.environ.get("KBRICKS_THREADS")
     if env:
-        return max(1, int(env))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    cores = os.cpu_count() or 1
-    return max(1, cores // local)
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ConfigError(f"KBRICKS_THREADS must be a whole number of threads, got {env!r}") from None
+    return 1
 
 
 def set_threads(n: int | None) -> int:

@@ -74,7 +74,13 @@ class Loop:
         self.module, self.data, self.transform, self.train_cfg = module, data, transform, train
         self.device, self.seed_key, self.on_step, self.where = device, tuple(seed_key), on_step, where
         self.parameters = list(parameters)
+        if train.channels_last:
+            module.to(memory_format=torch.channels_last)
         self.model = dist.wrap_ddp(module, device, sync_batchnorm=train.sync_batchnorm)
+        self.forward = compiled_or_eager(self.model) if train.compile else self.model
+        self.autocast = autocast_dtype(train.precision, device)
+        self.scaler = torch.amp.GradScaler("cuda") if train.precision == "fp16" and device.type == "cuda" else None
+        self.source_x = pinned(data.x, device)  # page-locked host memory: asynchronous copies to the GPU
         world = dist.world_size()
         self.batch_size = train.batch_size
         self.global_batch = train.batch_size * world
@@ -89,11 +95,16 @@ class Loop:
         self.scheduler = make_scheduler(optim, self.optimizer, epochs, self.steps_per_epoch)
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
 
     @property
     def lr(self) -> float:
@@ -119,25 +130,37 @@ class Loop:
         for step in range(self.steps_per_epoch):
             start = step * self.global_batch + rank * bs
             idx = perm[start:start + bs]
-            raw = data.x[idx].to(self.device)
+            raw = self.source_x[idx].to(self.device, non_blocking=True)
+            x = self.transform(raw, train=True, generator=aug)
+            if self.train_cfg.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             batch = Batch(
-                x=self.transform(raw, train=True, generator=aug),
+                x=x,
                 y=data.y[idx].to(self.device),
                 latents=data.latents[idx].to(self.device) if data.latents is not None else None,
                 index=idx,
                 raw=raw,
             )
-            losses = self.model(batch)
+            with torch.autocast(self.device.type, self.autocast or torch.float32, enabled=self.autocast is not None):
+                losses = self.forward(batch)
             loss = losses["loss"]
             if not torch.isfinite(loss):
                 exc = TrainingDiverged(self._diverged_message(loss, losses, batch, epoch, step))
                 exc.bad_input = not torch.isfinite(batch.raw).all().item()
                 raise exc
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.scaler is not None:  # fp16: scaled loss, unscaled gradients for clipping, skipped steps on overflow
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
             if self.train_cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.parameters, self.train_cfg.grad_clip)
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             self.scheduler.step()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
@@ -153,6 +176,47 @@ class Loop:
         if not torch.isfinite(batch.raw).all():
             return f"{head}: the input batch itself holds NaN or inf values; clean the data"
         return f"{head}. Lower optim.lr or set train.grad_clip"
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for ``train.precision`` (None: full precision)."""
+    if precision == "fp32":
+        return None
+    if device.type == "mps" and precision == "bf16":
+        raise ConfigError("train.precision=bf16 is not supported on MPS; use fp16 or fp32")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def pinned(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` in page-locked memory when batches go from host memory to a CUDA device (else ``x`` itself)."""
+    if device.type != "cuda" or x.device.type != "cpu" or x.is_pinned():
+        return x
+    try:
+        return x.pin_memory()
+    except RuntimeError:  # not enough page-locked memory: ordinary copies still work
+        return x
+
+
+def compiled_or_eager(module: nn.Module) -> Callable:
+    """``torch.compile(module)``, falling back to the eager module (once, with a warning) when compiling fails:
+    no C++ compiler, an unsupported operation in a user's method, an old platform."""
+    import sys
+
+    state: Dict[str, Any] = {"fn": None}
+
+    def call(*args, **kwargs):
+        if state["fn"] is None:
+            try:
+                state["fn"] = torch.compile(module)
+                return state["fn"](*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                print(f"kbricks: warning: train.compile: torch.compile failed ({type(exc).__name__}: {first}); training eagerly",
+                      file=sys.stderr)
+                state["fn"] = module
+        return state["fn"](*args, **kwargs)
+
+    return call
 
 
 class Trainer:
@@ -234,7 +298,7 @@ class Trainer:
                 raise TrainingDiverged(f"{exc}; {self.checkpoint_note(getattr(exc, 'bad_input', False))}") from None
             metrics["lr"] = self.loop.scheduler.get_last_lr()[0]
             done = epoch + 1
-            if done % train.eval_every == 0 or done == train.epochs:
+            if done == train.epochs or (train.eval_every and done % train.eval_every == 0):
                 metrics.update(self.evaluate())
                 if metrics["test/acc"] > self.best:
                     self.best, self.best_epoch = metrics["test/acc"], done

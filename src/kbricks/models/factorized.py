@@ -16,6 +16,7 @@ from torch import nn
 from ..data.tasks import Task
 from .base import Classifier
 from .deploy import input_normalization
+from .tsn_bank import FusedTSNs
 
 
 class TaskSpecificNetwork(nn.Module):
@@ -55,21 +56,48 @@ def task_output_size(task: Task, num_classes: int) -> int:
 
 
 class FactorNetworks(nn.Module):
-    """One CKN plus one TSN per task. ``forward`` gives every factor network's logits."""
+    """One CKN plus one TSN per task. ``forward`` gives every factor network's logits.
 
-    def __init__(self, ckn: Classifier, tsns: Sequence[TaskSpecificNetwork]):
+    With ``fused`` (the default) the TSNs run as one batched computation (:mod:`kbricks.models.tsn_bank`) when
+    their architecture allows it, else one after the other; :attr:`fusion` says which and why. The per-task
+    modules in ``tsns`` hold the weights either way, so state dicts and bricks do not depend on it."""
+
+    def __init__(self, ckn: Classifier, tsns: Sequence[TaskSpecificNetwork], fused: bool = True):
         super().__init__()
         self.ckn = ckn
         self.tsns = nn.ModuleList(tsns)
+        self.fused = fused
+        self._bank: Optional[FusedTSNs] = None  # built on first use, from the TSNs' structure only
+
+    def bank(self) -> FusedTSNs:
+        ids = tuple(id(t) for t in self.tsns)
+        if self._bank is None or self._bank.ids != ids:  # (re)traced when the TSN modules change
+            self._bank = FusedTSNs(list(self.tsns))
+            self._bank.ids = ids
+        return self._bank
+
+    @property
+    def fusion(self) -> str:
+        if not self.fused:
+            return "task by task (fused=False)"
+        why = self.bank().why_not(list(self.tsns))
+        return f"fused ({len(self.tsns)} TSNs as one computation)" if why is None else f"task by task: {why}"
 
     def tsn_outputs(self, x: torch.Tensor, z_c: torch.Tensor, sample: bool) -> Tuple[List[torch.Tensor], ...]:
         """Every TSN on the same batch: (factor logits, mu, logvar, task-only logits), one list entry per task."""
+        if self.fused and len(self.tsns) > 1:
+            out = self.bank()(list(self.tsns), x, z_c, sample)
+            if out is not None:
+                return out
         outs = [tsn.forward_train(x, z_c, sample) for tsn in self.tsns]
         return tuple(list(col) for col in zip(*outs))
 
     def forward(self, x: torch.Tensor, sample: bool = False) -> List[torch.Tensor]:
         z_c = self.ckn.features(x)  # computed once for all factors
         return self.tsn_outputs(x, z_c, sample)[0]
+
+    def __getstate__(self):  # the traced bank is rebuilt on first use after copying / pickling
+        return {**self.__dict__, "_bank": None}
 
 
 def combined_class_scores(factor_logits: Sequence[torch.Tensor], tasks: Sequence[Task], num_classes: int,

@@ -6,10 +6,12 @@ holds / partly / does not hold.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from ..engine.parallel import default_workers, run_parallel, timed
 from . import kf, sskt
 from .cl import CL_CLAIMS, CL_STUDIES, run_cl_study
 from .common import read_study
@@ -72,17 +74,43 @@ def readme_summary(runs: Path) -> str:
     return "\n".join(lines)
 
 
-def reproduce(quick: bool, out: Path = Path("results"), log: Callable[[str], None] = print, configs: Optional[Path] = None) -> Path:
+def run_kf_studies(datasets: List[str], seeds: List[int], runs: Path, **kwargs) -> None:
+    """KF studies that must run in order (an ablation after the main study whose runs it reuses)."""
+    for dataset in datasets:
+        run_kf_study(dataset, seeds, runs, **kwargs)
+
+
+def reproduce(quick: bool, out: Path = Path("results"), log: Callable[[str], None] = print, configs: Optional[Path] = None,
+              workers: Optional[int] = None) -> Path:
+    """Every study (they are independent of each other) in ``workers`` parallel single-threaded processes
+    (default: one per core; see :mod:`kbricks.engine.parallel`), longest first; then REPRODUCTION(-quick).md."""
     runs = out / ("runs-quick" if quick else "runs")
     t0 = time.time()
     seeds3 = [0, 1, 2]
-    kf_studies = ("digits", "dsprites") if quick else ("selection", "digits", "mnist5k", "dsprites", "digits-ablation", "dsprites-ablation")
-    for dataset in kf_studies:
-        run_kf_study(dataset, seeds3, runs, quick=quick, log=log, configs=configs)
-    for scenario in (("permuted", "rotated") if quick else CL_STUDIES):
-        run_cl_study(seeds3, runs, quick=quick, log=log, scenario=scenario, configs=configs)
-    run_sskt_study(seeds3 if quick else [0, 1, 2, 3, 4], runs, quick=quick, log=log, configs=configs)
-    log(f"[reproduce] studies took {(time.time() - t0) / 60:.1f} minutes")
+    common = dict(quick=quick, configs=configs)
+    # an ablation reuses its main study's teachers and full runs: the two run in order, in one worker
+    kf_groups = [["digits"], ["dsprites"]] if quick else [["selection"], ["digits", "digits-ablation"], ["mnist5k"], ["dsprites", "dsprites-ablation"]]
+    calls = [(run_kf_studies, (group, seeds3, runs), common) for group in kf_groups]
+    calls.append((run_sskt_study, (seeds3 if quick else [0, 1, 2, 3, 4], runs), common))
+    calls += [(run_cl_study, (seeds3, runs), dict(common, scenario=scenario)) for scenario in (("permuted", "rotated") if quick else CL_STUDIES)]
+    workers = default_workers(len(calls)) if workers is None else max(1, workers)
+    log(f"[reproduce] {len(calls)} studies, {workers} worker process(es)")
+    if workers == 1:  # here, with the caller's log; the sweeps inside the studies stay in this process too
+        saved = os.environ.get("KBRICKS_WORKERS")
+        os.environ["KBRICKS_WORKERS"] = "1"
+        try:
+            times = [timed(fn, *args, log=log, **kwargs) for fn, args, kwargs in calls]
+        finally:
+            if saved is None:
+                del os.environ["KBRICKS_WORKERS"]
+            else:
+                os.environ["KBRICKS_WORKERS"] = saved
+    else:
+        times = run_parallel([(timed, (fn, *args), kwargs) for fn, args, kwargs in calls], workers)
+    for (fn, args, kwargs), (_, wall, cpu) in zip(calls, times):
+        what = " ".join(map(str, args[0])) if fn is run_kf_studies else kwargs.get("scenario", "")
+        log(f"[reproduce] {fn.__name__} {what}: {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU")
+    log(f"[reproduce] studies took {(time.time() - t0) / 60:.1f} minutes with {workers} worker(s)")
     if not quick:
         write_results(runs, out)
     return write_reproduction(runs, out, quick)

@@ -36,7 +36,7 @@ from .verdicts import Claim, Verdict, grade
 KF_QUICK = {
     "digits": ["train.epochs=12"],
     "mnist5k": ["train.epochs=3", "data.train_subset=2000"],
-    "dsprites": ["train.epochs=3", "data.kwargs.n_samples=1500"],
+    "dsprites": ["train.epochs=6", "data.kwargs.n_samples=3000"],
 }
 
 KF_STUDIES = {

@@ -1,0 +1,109 @@
+"""Independent runs in parallel single-threaded worker processes (the seeds of a sweep, the studies of a reproduction).
+
+Why processes and not threads: the networks kbricks trains on CPU are small, so a second intra-op thread gains
+little while one descheduled thread stalls every parallel operation (with one busy neighbour on a 2-core machine a
+2-thread step was 2.4-13x slower than a 1-thread step). Independent runs share nothing, so W single-threaded
+processes keep W cores busy and degrade gracefully when the machine is shared. ``KBRICKS_THREADS`` set by the user
+is passed on unchanged; otherwise each worker gets ``cores // workers`` threads (1 on a 2-core machine).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+Call = Tuple[Callable[..., Any], tuple, dict]
+
+
+def default_workers(jobs: int) -> int:
+    """``KBRICKS_WORKERS`` if set, else one worker per core, never more than there are jobs."""
+    env = os.environ.get("KBRICKS_WORKERS")
+    n = int(env) if env else (os.cpu_count() or 1)
+    return max(1, min(n, jobs))
+
+
+def worker_threads(workers: int) -> int:
+    env = os.environ.get("KBRICKS_THREADS")
+    return max(1, int(env)) if env else max(1, (os.cpu_count() or 1) // workers)
+
+
+def user_modules() -> List[str]:
+    """Modules outside kbricks that registered models, datasets, scenarios or methods here (``--import``, a test
+    file, a plugin): a fresh worker imports them too, so every name the parent knows resolves there."""
+    from ..data import DATASETS, SCENARIOS
+    from ..methods.base import METHODS
+    from ..models import MODELS
+
+    names = {getattr(obj, "__module__", None) for reg in (MODELS, DATASETS, SCENARIOS, METHODS) for obj in reg._entries.values()}
+    return sorted(n for n in names if n and not n.startswith("kbricks") and n not in ("__main__", "__mp_main__"))
+
+
+def _init_worker(threads: int, path: List[str], modules: List[str]) -> None:
+    os.environ["KBRICKS_THREADS"] = str(threads)  # every run the worker starts reads it (core.seeding.default_threads)
+    os.environ["KBRICKS_WORKERS"] = "1"  # a sweep inside a worker runs its seeds in that worker: no nested pools
+    import importlib
+    import sys
+
+    import torch
+
+    torch.set_num_threads(threads)
+    sys.path[:0] = [p for p in path if p not in sys.path]
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the run that needs it reports the unknown name
+            pass
+
+
+def timed(fn: Callable[..., Any], *args, **kwargs) -> Tuple[Any, float, float]:
+    """(result, wall seconds, CPU seconds of this process) of one call."""
+    import time
+
+    w0, c0 = time.perf_counter(), time.process_time()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - w0, time.process_time() - c0
+
+
+_pool: Optional[ProcessPoolExecutor] = None
+_pool_key: Optional[tuple] = None
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of ``workers`` spawned processes, kept for the next call (a study runs several sweeps: starting
+    Python and importing torch once per worker instead of once per sweep)."""
+    import atexit
+    import sys
+
+    global _pool, _pool_key
+    init = (worker_threads(workers), list(sys.path), user_modules())
+    key = (workers, init[0], tuple(init[2]))
+    if _pool is None or _pool_key != key or getattr(_pool, "_broken", False):
+        if _pool is None:
+            atexit.register(lambda: _pool is not None and _pool.shutdown(cancel_futures=True))
+        else:
+            _pool.shutdown(cancel_futures=True)
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process whose OpenMP pool is already running
+        _pool, _pool_key = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init), key
+    return _pool
+
+
+def run_parallel(calls: Sequence[Call], workers: Optional[int] = None) -> List[Any]:
+    """Run ``fn(*args, **kwargs)`` for every call, ``workers`` at a time in worker processes; results in call order.
+
+    With one worker (or one call) everything runs here, in order. The first failure is raised here once the calls
+    already running have finished; queued ones are cancelled. ``fn`` must be importable (a module-level function)."""
+    workers = default_workers(len(calls)) if workers is None else max(1, min(workers, len(calls)))
+    if workers == 1:
+        return [fn(*args, **kwargs) for fn, args, kwargs in calls]
+    pool = worker_pool(workers)
+    futures = [pool.submit(fn, *args, **kwargs) for fn, args, kwargs in calls]
+    done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+    failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
+    if failed:
+        for f in pending:
+            f.cancel()
+        wait([f for f in pending if not f.cancelled()])
+        raise failed[0].exception()
+    return [f.result() for f in futures]

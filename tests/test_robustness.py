@@ -91,8 +91,10 @@ def same_weights(a: Path, b: Path) -> bool:
 
 def worker(marker: Path, epoch: int, step: int, *args) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    # SIGINT at its default in the child: an ignored SIGINT (set by an earlier test's tooling) would be inherited
     return subprocess.Popen([sys.executable, WORKER, str(marker), str(epoch), str(step), "--", *map(str, args)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(marker: Path, proc: subprocess.Popen, timeout: float = 120) -> int:

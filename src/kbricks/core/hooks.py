@@ -117,7 +117,7 @@ class ProgressBar(Hook):
             self._print(trainer, f"task {task}/{trainer.num_tasks} done", metrics)
 
     def _print(self, trainer, head: str, metrics: Dict[str, Any]) -> None:
-        text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in self.SHOWN)
+        text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in self.SHOWN and v is not None)
         print(f"[{trainer.cfg.name}] {head} {text}", file=sys.stderr, flush=True)
 
 

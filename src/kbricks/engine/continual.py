@@ -24,14 +24,13 @@ from ..continual.metrics import cl_metrics
 from ..continual.strategy import ContinualStrategy
 from ..core import dist
 from ..core.checkpoint import load_checkpoint, load_state_into, save_checkpoint, save_safetensors
-from ..core.env import environment_info
 from ..core.hooks import CsvSummary, Hook, JsonlLogger, ProgressBar
 from ..core.rundir import RunDirectory
 from ..core.seeding import derive_seed
 from ..data import TaskData
 from ..errors import TrainingDiverged
 from .experiment import Experiment, build_experiment
-from .trainer import Loop, check_resumable, config_yaml, start_run
+from .trainer import Loop, check_resumable, execute_run
 
 
 class ContinualTrainer:
@@ -108,9 +107,8 @@ class ContinualTrainer:
         return (logits[:, : data.num_classes].argmax(1).cpu() == data.test.y).float().mean().item()
 
     # ---- the run ---------------------------------------------------------------------------------------------
-    def fit(self, resume: bool = False, stop_after: Optional[int] = None) -> Dict[str, Any]:
-        if resume:
-            self.resume()
+    def fit(self, stop_after: Optional[int] = None) -> Dict[str, Any]:
+        """Learn the tasks from ``start_task`` (after :meth:`resume`, the first unfinished one)."""
         self._hook("on_fit_start")
         T = self.num_tasks
         for t in range(self.start_task, T):
@@ -279,17 +277,4 @@ def write_matrix(path: Path, R: List[List[Optional[float]]], names: List[str]) -
 def run_continual(cfg: RunConfig, run_dir: Optional[Path] = None, resume: bool = False, hooks: Optional[List[Hook]] = None,
                   overwrite: bool = False, stop_after: Optional[int] = None) -> Dict[str, Any]:
     """Learn the scenario's tasks in order; returns the results (also in ``run_dir/results.json``)."""
-    run = start_run(cfg, run_dir, resume, overwrite)
-    try:
-        exp = build_experiment(cfg)
-        if dist.is_main_process():
-            run.write_text("config.yaml", config_yaml(cfg))
-            run.write_json("env.json", environment_info(exp.device, dist.world_size()))
-        result = ContinualTrainer(exp, run, hooks).fit(resume=resume, stop_after=stop_after)
-    except BaseException:
-        if dist.is_main_process():
-            run.abandon()
-        raise
-    run.release()
-    result["run_dir"] = str(run.path)
-    return result
+    return execute_run(cfg, run_dir, resume, hooks, overwrite, ContinualTrainer, stop_after=stop_after)

@@ -40,15 +40,25 @@ def user_modules() -> List[str]:
     return sorted(n for n in names if n and not n.startswith("kbricks") and n not in ("__main__", "__mp_main__"))
 
 
-def _init_worker(threads: int, path: List[str], modules: List[str]) -> None:
+def _worker_settings(threads: int) -> None:
     os.environ["KBRICKS_THREADS"] = str(threads)  # every run the worker starts reads it (core.seeding.default_threads)
     os.environ["KBRICKS_WORKERS"] = "1"  # a sweep inside a worker runs its seeds in that worker: no nested pools
-    import importlib
-    import sys
-
     import torch
 
     torch.set_num_threads(threads)
+
+
+def _in_worker(threads: int, fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """One call in a reused worker: the pool's settings again first (a previous run may have set its own threads)."""
+    _worker_settings(threads)
+    return fn(*args, **kwargs)
+
+
+def _init_worker(threads: int, path: List[str], modules: List[str]) -> None:
+    import importlib
+    import sys
+
+    _worker_settings(threads)
     sys.path[:0] = [p for p in path if p not in sys.path]
     for name in modules:
         try:
@@ -98,7 +108,8 @@ def run_parallel(calls: Sequence[Call], workers: Optional[int] = None) -> List[A
     if workers == 1:
         return [fn(*args, **kwargs) for fn, args, kwargs in calls]
     pool = worker_pool(workers)
-    futures = [pool.submit(fn, *args, **kwargs) for fn, args, kwargs in calls]
+    threads = _pool_key[1]
+    futures = [pool.submit(_in_worker, threads, fn, *args, **kwargs) for fn, args, kwargs in calls]
     done, pending = wait(futures, return_when=FIRST_EXCEPTION)
     failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
     if failed:

@@ -463,16 +463,23 @@ def run_training(cfg: RunConfig, run_dir: Optional[Path] = None, resume: bool = 
 
 
 def _run_plain(cfg: RunConfig, run_dir: Optional[Path], resume: bool, hooks: Optional[List[Hook]], overwrite: bool) -> Dict[str, Any]:
+    return execute_run(cfg, run_dir, resume, hooks, overwrite, Trainer)
+
+
+def execute_run(cfg: RunConfig, run_dir: Optional[Path], resume: bool, hooks: Optional[List[Hook]], overwrite: bool,
+                trainer_cls: Callable[..., Any], **fit_kwargs: Any) -> Dict[str, Any]:
+    """The life of one run, plain or continual: open (and lock) the run directory, build the experiment, check a
+    resume before anything is written, record config.yaml and env.json, fit; a failed start is marked abandoned."""
     run = start_run(cfg, run_dir, resume, overwrite)
     try:
         exp = build_experiment(cfg)
-        trainer = Trainer(exp, run, hooks)
+        trainer = trainer_cls(exp, run, hooks)
         if resume:
             trainer.resume()  # refusals happen here, before config.yaml records the new config
         if dist.is_main_process():
             run.write_text("config.yaml", config_yaml(cfg))
             run.write_json("env.json", environment_info(exp.device, dist.world_size()))
-        summary = trainer.fit()
+        summary = trainer.fit(**fit_kwargs)
     except BaseException:
         if dist.is_main_process():
             run.abandon()

@@ -20,6 +20,7 @@ concatenated into one classifier over the union of their classes without fine-tu
 
 from __future__ import annotations
 
+import sys
 from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
@@ -220,6 +221,7 @@ class KnowledgeFactorization(Method):
 
     def __init__(self, params: "KnowledgeFactorization.Config", ctx: MethodContext):
         super().__init__()
+        chosen = set(params.model_fields_set)
         if params.infomax_weight is None:
             params = params.model_copy(update={"infomax_weight": INFOMAX_DEFAULT_WEIGHT[params.infomax]})
         self.params, self.tasks, self.transform, self.cfg = params, ctx.tasks, ctx.transform, ctx.cfg
@@ -239,11 +241,21 @@ class KnowledgeFactorization(Method):
         ]
         self.factors = FactorNetworks(ckn, tsns)
         self.teacher_tap = self.ckn_tap = None
+        if params.infomax_weight > 0 and params.infomax == "teacher":
+            try:
+                self.projectors = self._build_teacher_projectors(ctx)
+            except ConfigError as exc:
+                if chosen & {"infomax", "infomax_layers"}:
+                    raise
+                # the default variant needs readable teacher features (a TorchScript teacher without features(x)
+                # has none): fall back to the two-view variant, say so, and record it in the run's params
+                print(f"kbricks: warning: {exc}; using method.infomax=views (set method.infomax to choose)", file=sys.stderr)
+                weight = params.infomax_weight if "infomax_weight" in chosen else INFOMAX_DEFAULT_WEIGHT["views"]
+                self.params = params = params.model_copy(update={"infomax": "views", "infomax_weight": weight})
+                self.teacher_tap = self.ckn_tap = None
         if params.infomax_weight > 0 and params.infomax == "views":
             d = ckn.feature_dim
             self.projector = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, params.proj_dim))
-        elif params.infomax_weight > 0:
-            self.projectors = self._build_teacher_projectors(ctx)
 
     def _build_teacher_projectors(self, ctx: MethodContext) -> nn.ModuleList:
         """One projector per matched layer pair, sized by a probe forward pass (the CKN in eval mode, so its
@@ -252,15 +264,23 @@ class KnowledgeFactorization(Method):
         if layers:
             self.teacher_tap = LayerTap(self.teacher.net, [t for t, _ in layers], "the teacher")
             self.ckn_tap = LayerTap(self.factors.ckn, [c for _, c in layers], "the CKN")
-        elif not hasattr(self.teacher.net, "features"):
-            raise ConfigError("method.infomax=teacher needs a teacher with features(x) or method.infomax_layers")
-        probe = torch.zeros(2, ctx.train.in_channels, ctx.train.image_size, ctx.train.image_size)
+        # the teacher's features: its own features(x), else the input of its last nn.Linear (FrozenNetwork.features)
+        probe = torch.zeros(2, *ctx.train.input_shape)
         ckn = self.factors.ckn
         with torch.no_grad():
             was = ckn.training
             ckn.eval()
-            t_feats, c_feats = self._infomax_features(self.transform(probe, train=False) if self.transform else probe)
-            ckn.train(was)
+            try:
+                t_feats, c_feats = self._infomax_features(self.transform(probe, train=False) if self.transform else probe)
+            except ConfigError as exc:
+                raise ConfigError(f"method.infomax=teacher: {exc}; name the layers to match with method.infomax_layers, "
+                                  "or use method.infomax=views") from None
+            finally:
+                ckn.train(was)
+        if any(f.dim() != 2 for f in (*t_feats, *c_feats)):
+            shapes = [list(f.shape) for f in (*t_feats, *c_feats)]
+            raise ConfigError(f"method.infomax=teacher: features must be [batch, dim], got {shapes}; name the layers with "
+                              "method.infomax_layers (outputs are average-pooled) or use method.infomax=views")
         return nn.ModuleList(projector(t.shape[1], c.shape[1]) for t, c in zip(t_feats, c_feats))
 
     def _infomax_features(self, x: torch.Tensor, z_c: Optional[torch.Tensor] = None, teacher_out=None):

@@ -36,13 +36,16 @@ demo: $(STAMP)
 		$(DEMO_BRICKS)/tsn-classes_5-6-7-8-9.json --out $(DEMO)/assembled --evaluate && \
 	$(PY) scripts/record_demo.py $$start $$load "$(WORKERS)" $(DEMO)/demo-time.json
 
-# Every performance ratio (results/bench.md, results/bench.json); BENCH_ONLY=kf,trainer,accel,threads,supermask
+# Every performance ratio (results/bench.md, results/bench.json; BENCH_ONLY=kf,trainer,accel,threads,supermask), then
+# time / FLOPs / memory of the paper-scale recipes (results/bench_recipes.md)
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_recipes.py
 
-# Tables from the committed raw results (results/runs/**/study.json), no training: RESULTS.md, REPRODUCTION.md, README block
+# Tables from the committed raw results (results/runs*/**/study.json), no training: RESULTS.md, REPRODUCTION(-quick).md, README block
 report: $(STAMP)
 	$(PY) -m kbricks report --runs results/runs --out results
+	$(PY) -m kbricks report --runs results/runs-quick --out results
 	$(PY) scripts/update_readme.py
 
 readme: $(STAMP)

@@ -264,3 +264,16 @@ def test_config_errors():
         build_config({"data": {"name": "digits"}, "model": {"name": "masked_mlp"}, "method": {"name": "supsup"}})
     with pytest.raises(ConfigError, match="not a continual strategy"):
         build_config({"data": {"name": "digits", "scenario": {"name": "split"}}, "model": {"name": "mlp"}, "method": {"name": "supervised"}})
+
+
+def test_refused_resume_writes_nothing_and_an_lr_change_is_announced(tmp_path, capsys):
+    short = {"inference": "null", "train.epochs": 1}
+    run_continual(tiny(**short), tmp_path / "part", stop_after=1)
+    before = (tmp_path / "part" / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match="different"):
+        run_continual(tiny(seed=5, **short), tmp_path / "part", resume=True)
+    assert (tmp_path / "part" / "config.yaml").read_text() == before  # checked before config.yaml is rewritten
+    capsys.readouterr()
+    lr = tiny(**short).optim.lr
+    run_continual(tiny(**short, **{"optim.lr": lr / 2}), tmp_path / "part", resume=True)
+    assert f"optim.lr {lr} -> {lr / 2} (applies to the tasks still to learn, from task 2)" in capsys.readouterr().err

@@ -361,3 +361,25 @@ def test_user_class_as_the_student_of_every_method(user_code, method, tmp_path, 
                           run_dir=tmp_path / method, progress="off", overrides=["train.max_steps_per_epoch=2", "train.plots=false"])
     assert isinstance(run.model.module, user_code.Nested) and run.model.feature_dim == 16
     assert run.predict(xt[:5]).shape == (5, 10)
+
+
+def test_kf_default_infomax_falls_back_to_two_views_for_a_featureless_torchscript_teacher(user_code, tmp_path, capsys, digits01):
+    x, y, _, _ = digits01
+    torch.jit.save(torch.jit.script(_fit(user_code.Nested(), x, y)), tmp_path / "teacher.pt")
+    teacher = {"path": "teacher.pt", "normalize": "none"}
+
+    def kf(**method):
+        return build_config({
+            "name": "kf", "seed": 0, "data": {"name": "digits", "train_subset": 128, "tasks": {"split": 2}},
+            "model": {"name": "mlp", "kwargs": {"hidden": [16]}},
+            "method": {"name": "kf", "teacher": teacher, "tsn": {"name": "mlp", "kwargs": {"hidden": [8]}}, **method},
+            "train": {"epochs": 1, "batch_size": 32, "max_steps_per_epoch": 2, "progress": "off", "plots": False}})
+
+    from kbricks.engine.experiment import build_experiment
+
+    method = build_experiment(kf()).method
+    assert method.params.infomax == "views" and hasattr(method, "projector")
+    assert "using method.infomax=views" in capsys.readouterr().err
+    # chosen explicitly, the missing features are an error naming the way out
+    with pytest.raises(ConfigError, match="torch.jit.export"):
+        build_experiment(kf(infomax="teacher"))

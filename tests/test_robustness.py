@@ -556,7 +556,7 @@ def test_npz_with_label_minus_one_is_refused(tmp_path, capsys):
 
 
 def test_npz_with_zero_samples_is_refused(tmp_path, capsys):
-    one_line_error(capsys, "train", _npz(tmp_path, np.zeros(0, np.int64), np.arange(20) % 10), match="npz")
+    one_line_error(capsys, "train", _npz(tmp_path, np.zeros(0, np.int64), np.arange(20) % 10), match="npz d.npz: y_train holds 0 samples")
 
 
 def test_cifar_labels_out_of_range_are_refused_naming_the_file(tmp_path, capsys):

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,22 @@ def test_kf_digits_factor_and_assembled_within_one_point_of_teacher(tmp_path):
         assert abs(report[f"kf/acc_{t}"] - report[f"teacher/acc_{t}"]) <= 0.01
     assert report["assembled/acc"] >= report["teacher/acc"] - 0.01
     assert report["assembled_matches_factors"]
+
+
+def test_committed_tables_regenerate_byte_for_byte_from_the_committed_raw_results(tmp_path, monkeypatch):
+    """results/*.md and the README block are what `make report` builds from results/runs/**/study.json."""
+    from kbricks.studies import readme_summary, write_reproduction, write_results
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root)
+    runs = Path("results/runs")
+    assert list(runs.rglob("study.json")), "no committed raw results"
+    results = write_results(runs, tmp_path)
+    assert results.read_text() == (root / "results" / results.name).read_text()
+    reproduction = write_reproduction(runs, tmp_path, quick=False)
+    assert reproduction.read_text() == (root / "results" / "REPRODUCTION.md").read_text()
+    quick = write_reproduction(Path("results/runs-quick"), tmp_path, quick=True, full_runs=runs)
+    assert quick.read_text() == (root / "results" / "REPRODUCTION-quick.md").read_text()
+    readme = (root / "README.md").read_text()
+    block = readme.split("<!-- results:start -->\n", 1)[1].split("\n<!-- results:end -->", 1)[0]
+    assert block == readme_summary(runs)

@@ -122,7 +122,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     quick = runs.name.endswith("-quick")
     if not quick:
         print(write_results(runs, out))
-    print(write_reproduction(runs, out, quick))
+    print(write_reproduction(runs, out, quick, Path(getattr(args, "full_runs", "results/runs"))))
     return 0
 
 
@@ -138,7 +138,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     if args.tables_only:
         args.runs = str(Path(args.out) / ("runs-quick" if args.quick else "runs"))
         return _cmd_report(args)
-    path = reproduce(args.quick, Path(args.out), configs=Path(args.configs) if args.configs else None, workers=args.workers)
+    path = reproduce(args.quick, Path(args.out), configs=Path(args.configs) if args.configs else None, workers=args.workers,
+                     full_runs=Path(args.full_runs))
     print(path.read_text())
     return 0
 
@@ -246,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default="results")
     rep.add_argument("--configs", help="directory of the configs to use (default: the shipped ones)")
     rep.add_argument("--workers", type=int, help=WORKERS_HELP)
+    rep.add_argument("--full-runs", default="results/runs",
+                     help="--quick: the full-budget raw results whose verdicts the quick table shows alongside (if present)")
     rep.add_argument("--tables-only", action="store_true", help="no training: the tables from existing study.json files (= kbricks report)")
     rep.set_defaults(func=_cmd_reproduce)
 

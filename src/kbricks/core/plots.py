@@ -24,7 +24,7 @@ class _Figures:
         pass
 
 
-def _pyplot():
+def figure_api():
     import matplotlib.figure  # noqa: F401  (ImportError when the optional extra is missing)
 
     return _Figures
@@ -60,7 +60,7 @@ def plot_curves(rows: List[Dict[str, Any]], path: Path, title: str = "") -> Opti
     if not rows:
         return None
     try:
-        plt = _pyplot()
+        plt = figure_api()
     except ImportError:  # matplotlib is an optional extra
         return None
     epochs = [r["epoch"] for r in rows]
@@ -75,18 +75,22 @@ def plot_curves(rows: List[Dict[str, Any]], path: Path, title: str = "") -> Opti
         ax2.plot(xs, [100 * r[k] for r in rows if k in r], marker=".", label=k.split("/", 1)[1])
     ax2.set_xlabel("epoch"), ax2.set_ylabel("test accuracy (%)"), ax2.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` (parents created) and release it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def plot_matrix(matrix: Sequence[Sequence[float]], path: Path, title: str = "", xlabel: str = "", ylabel: str = "") -> Optional[Path]:
     """A heatmap with the values written in each cell (e.g. a continual-learning accuracy matrix)."""
     try:
-        plt = _pyplot()
+        plt = figure_api()
     except ImportError:
         return None
     import numpy as np
@@ -100,11 +104,7 @@ def plot_matrix(matrix: Sequence[Sequence[float]], path: Path, title: str = "", 
                 ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", fontsize=7, color="w")
     ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.set_title(title)
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy_matrix(R: Sequence[Sequence[Optional[float]]], names: Sequence[str], out_dir: Path, title: str) -> None:
@@ -115,7 +115,7 @@ def plot_accuracy_matrix(R: Sequence[Sequence[Optional[float]]], names: Sequence
     out_dir = Path(out_dir)
     plot_matrix(m, out_dir / "accuracy_matrix.png", title=f"{title}: accuracy (%)", xlabel="evaluated task", ylabel="after learning task")
     try:
-        plt = _pyplot()
+        plt = figure_api()
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -126,6 +126,4 @@ def plot_accuracy_matrix(R: Sequence[Sequence[Optional[float]]], names: Sequence
     ax.set_xlabel("tasks learned"), ax.set_ylabel("test accuracy (%)"), ax.set_title(title)
     if T <= 12:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "accuracy_curves.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / "accuracy_curves.png")

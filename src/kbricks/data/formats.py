@@ -247,6 +247,8 @@ def npz(root: Optional[str] = None, test_fraction: float = 0.2, split_seed: int 
         integral = np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.number) and bool(np.all(np.mod(y, 1) == 0)))
         if y.ndim != 1 or not integral:  # astype would truncate 2.7 to 2 silently; the range is checked with the splits
             raise DataError(f"npz {path.name}: {key} must hold one integer class id per sample, got {y.dtype} of shape {y.shape}")
+        if len(y) == 0:
+            raise DataError(f"npz {path.name}: {key} holds 0 samples")
         return y.astype(np.int64)
 
     keys = next((k for k in NPZ_KEYS if set(k) <= arrays.keys()), None)

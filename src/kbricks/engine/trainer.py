@@ -246,11 +246,9 @@ class Trainer:
                 "best_epoch": self.best_epoch, "config": self.cfg.to_dict()}
 
     def resume(self) -> None:
-        path = self.ckpt_dir / "last.pt"
-        if not path.exists():
+        state = resumable_state(self.ckpt_dir, self.cfg)
+        if state is None:
             return
-        state = load_checkpoint(path)
-        check_resumable(state, self.cfg)
         load_state_into(self.method, state["model"], "method")
         self.loop.load_state_dict(state)
         apply_optim_overrides(self.loop, state.get("config", {}).get("optim", {}), self.cfg)
@@ -362,6 +360,16 @@ def network_kind(net: nn.Module) -> str:
     from ..models.factorized import FactorNetworks
 
     return "factors" if isinstance(net, FactorNetworks) else "classifier"
+
+
+def resumable_state(ckpt_dir: Path, cfg: RunConfig) -> Optional[Dict[str, Any]]:
+    """The run's ``last.pt`` if there is one, after checking it may be continued with ``cfg``."""
+    path = Path(ckpt_dir) / "last.pt"
+    if not path.exists():
+        return None
+    state = load_checkpoint(path)
+    check_resumable(state, cfg)
+    return state
 
 
 def check_resumable(state: Dict[str, Any], cfg: RunConfig) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..core.plots import figure_api, save_figure
 from ..core.stats import fmt, mean_std
 from ..engine.sweep import train_or_reuse
 from ..errors import ConfigError
@@ -521,10 +522,7 @@ def plot_accuracy_vs_k(study: Dict[str, Any], path: Path) -> Optional[Path]:
     """Accuracy against k for the three kinds of impressions (mean ± std over seeds), all tasks and new tasks, with
     SupSup's dedicated masks and dense fine-tuning as reference lines."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = figure_api()
     except ImportError:  # matplotlib is an optional extra
         return None
     ks = study["ks"]
@@ -549,12 +547,7 @@ def plot_accuracy_vs_k(study: Dict[str, Any], path: Path) -> Optional[Path]:
     axes[0].set_ylabel("final test accuracy (%)")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"ImpressLearn on {study['title']} ({len(study['seeds'])} seeds)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def copy_plots(runs: Path, dest: Path) -> None:

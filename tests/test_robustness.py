@@ -27,7 +27,7 @@ from kbricks.core.checkpoint import load_checkpoint, load_safetensors, save_safe
 from kbricks.core.hooks import Hook, read_jsonl
 from kbricks.data import DATASETS, ArrayDataset, DataSplits
 from kbricks.engine.trainer import run_training
-from kbricks.errors import DataError, TrainingDiverged
+from kbricks.errors import CheckpointError, DataError, TrainingDiverged
 
 WORKER = os.path.join(REPO, "tests", "robust_worker.py")
 SRC = os.path.join(REPO, "src")
@@ -711,3 +711,18 @@ def test_validate_splits_is_usable_on_its_own():
     x = torch.rand(4, 1, 2, 2)
     with pytest.raises(DataError, match="label 7 is out of range"):
         validate_splits(DataSplits(ArrayDataset(x, torch.tensor([0, 1, 7, 1]), ["a", "b"]), ArrayDataset(x, torch.tensor([0, 1, 0, 1]), ["a", "b"]), "mine"))
+
+
+def test_a_checkpoint_from_before_a_new_setting_still_resumes_but_a_changed_setting_does_not():
+    """A setting added to the schema after a checkpoint was written reads as its default, not as a change."""
+    from kbricks.config import parse_config
+    from kbricks.engine.trainer import check_resumable
+
+    cfg = parse_config({"data": {"name": "digits"}, "model": {"name": "mlp"}})
+    old = cfg.to_dict()
+    del old["data"]["relabel"]  # written by a version that did not know data.relabel
+    check_resumable({"config": old}, cfg)
+    changed = cfg.to_dict()
+    changed["data"]["relabel"] = True
+    with pytest.raises(CheckpointError, match="different 'data' config"):
+        check_resumable({"config": changed}, cfg)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..config import OptimConfig, RunConfig, TrainConfig
+from ..config import OptimConfig, RunConfig, TrainConfig, parse_config
 from ..core import dist
 from ..core.checkpoint import fingerprint, load_checkpoint, load_state_into, save_checkpoint, save_safetensors
 from ..core.env import environment_info
@@ -24,7 +24,7 @@ from ..core.metrics import evaluate
 from ..core.rundir import RunDirectory
 from ..core.seeding import derive_seed, generator, pick_device, set_deterministic, set_threads
 from ..data import ArrayDataset, BatchAugment
-from ..errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from ..errors import CheckpointError, ConfigError, DataError, KbricksError, TrainingDiverged
 from ..methods.base import Batch
 from ..models import count_parameters
 from .experiment import Experiment, build_experiment, validate
@@ -376,6 +376,10 @@ def check_resumable(state: Dict[str, Any], cfg: RunConfig) -> None:
     """A checkpoint may only be continued with the same seed, data, model and method (training length and some
     optimiser settings may change)."""
     saved = state.get("config", {})
+    try:  # through today's schema: a setting added since the checkpoint was written reads as its default
+        saved = parse_config(saved).to_dict()
+    except KbricksError:
+        pass  # a setting that no longer exists: compared as written, so it shows as a difference
     now = cfg.to_dict()
     for key in ("seed", "data", "model", "method"):
         if saved.get(key) != now[key]:

@@ -416,7 +416,7 @@ def scenario_tables(runs: Path, scenario: str) -> List[str]:
     T = len(rec0["supsup"]["final_accs"])
     mins = st.get("minutes_by_part", {})
     lines = [f"## Continual learning on {st['title']}", "",
-             f"{n} seeds (mean ± std), {T} tasks. Training + inference time of the study's runs, summed over seeds (1 thread, "
+             f"{n} seed{'s (mean ± std)' if n > 1 else ' (± 0: one seed)'}, {T} tasks. Training + inference time of the study's runs, summed over seeds (1 thread, "
              f"2-core CPU shared with other jobs): {sum(mins.values()):.0f} minutes ({', '.join(f'{k} {v:.1f}' for k, v in mins.items())}).", "",
              "| method | avg accuracy % | forgetting (points) | BWT (points) | stored per task | bytes per task | shared |",
              "|---|---|---|---|---|---|---|"]

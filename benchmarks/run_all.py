@@ -162,8 +162,9 @@ def render(results, meta) -> None:
              f"commit {meta['commit']}, {meta['date']}; 1-minute load average {load:.1f} at the start. Candidates are timed "
              "interleaved in one process (median of rounds); each ratio is to the first row of its block.", "",
              "## Issue 14 targets", ""] + target_rows(results)
-    if supermask_rows(results):
-        lines += ["", "## Issue 16 targets: supermask cost against the number of stored masks", ""] + supermask_rows(results)
+    supermask = supermask_rows(results)
+    if supermask:
+        lines += ["", "## Issue 16 targets: supermask cost against the number of stored masks", ""] + supermask
     if "threads" in results:
         lines += ["", "## Threads (issue 16): 1 vs 2 intra-op threads, alone and next to one CPU-bound process", ""] + thread_rows(results)
     lines.append("")

@@ -12,7 +12,6 @@ identical to an uninterrupted one (randomness is derived from the seed, task, st
 from __future__ import annotations
 
 import csv
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -31,7 +30,7 @@ from ..core.seeding import derive_seed
 from ..data import TaskData
 from ..errors import TrainingDiverged
 from .experiment import Experiment, build_experiment
-from .trainer import Loop, execute_run, resumable_state
+from .trainer import Loop, announce_optim_changes, execute_run, resumable_state
 
 
 class ContinualTrainer:
@@ -66,10 +65,8 @@ class ContinualTrainer:
             return
         saved, now = state.get("config", {}).get("optim", {}), self.cfg.optim.model_dump(mode="json")
         changed = [k for k in sorted(now) if k in saved and saved[k] != now[k]]
-        if changed and dist.is_main_process():  # each task builds its optimiser anew: a change applies from the next task
-            text = ", ".join(f"optim.{k} {saved[k]} -> {now[k]}" for k in changed)
-            print(f"kbricks: resuming with {text} (applies to the tasks still to learn, from task {state['next_task'] + 1})",
-                  file=sys.stderr)
+        # each task builds its optimiser anew: any change applies from the next task
+        announce_optim_changes(saved, now, changed, f"applies to the tasks still to learn, from task {state['next_task'] + 1}")
         load_state_into(self.strategy, state["model"], "continual strategy")
         self.R, self.seconds, self.start_task = state["R"], state["seconds"], state["next_task"]
 

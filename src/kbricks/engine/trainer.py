@@ -414,11 +414,16 @@ def apply_optim_overrides(loop: Loop, saved: Dict[str, Any], cfg: RunConfig) -> 
             for g in loop.optimizer.param_groups:
                 if key in g:
                     g[key] = now[key]
+    announce_optim_changes(saved, now, changed, "applied to the restored optimiser")
+
+
+def announce_optim_changes(saved: Dict[str, Any], now: Dict[str, Any], changed: Sequence[str], how: str) -> None:
+    """One stderr line (rank 0) naming the optimiser settings a resume changed and how they take effect."""
     if changed and dist.is_main_process():
         import sys
 
         text = ", ".join(f"optim.{k} {saved[k]} -> {now[k]}" for k in changed)
-        print(f"kbricks: resuming with {text} (applied to the restored optimiser)", file=sys.stderr)
+        print(f"kbricks: resuming with {text} ({how})", file=sys.stderr)
 
 
 def open_run(cfg: RunConfig, run_dir: Optional[Path], resume: bool, overwrite: bool = False) -> RunDirectory:
@@ -467,15 +472,11 @@ def run_training(cfg: RunConfig, run_dir: Optional[Path] = None, resume: bool = 
             from .continual import run_continual
 
             return run_continual(cfg, run_dir, resume=resume, hooks=hooks, overwrite=overwrite)
-        return _run_plain(cfg, run_dir, resume, hooks, overwrite)
+        return execute_run(cfg, run_dir, resume, hooks, overwrite, Trainer)
     except RuntimeError as exc:
         if dist.is_peer_failure(exc):
             raise dist.peer_failure_error(exc, cfg.train.ddp_timeout_s) from None
         raise
-
-
-def _run_plain(cfg: RunConfig, run_dir: Optional[Path], resume: bool, hooks: Optional[List[Hook]], overwrite: bool) -> Dict[str, Any]:
-    return execute_run(cfg, run_dir, resume, hooks, overwrite, Trainer)
 
 
 def execute_run(cfg: RunConfig, run_dir: Optional[Path], resume: bool, hooks: Optional[List[Hook]], overwrite: bool,

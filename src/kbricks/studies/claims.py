@@ -56,18 +56,18 @@ def write_reproduction(runs: Path, out: Path, quick: bool, full_runs: Optional[P
              "when the mean paired difference is in the claimed direction, larger than one standard error of the mean, and in "
              "that direction in at least 60% of the seeds; *partly* when only the mean is in the claimed direction; *does not "
              "hold* otherwise; the control row (KD from the mismatched source) uses the every-seed / mean rule. An ablation row "
-             "marked — is the default variant itself (it is the full objective).", "",
-             "| area | the paper's statement | ours (mean ± std over seeds) | verdict |", "|---|---|---|---|"]
+             "marked — is the default variant itself (it is the full objective).", ""]
     if full is None:
+        lines += ["| area | the paper's statement | ours (mean ± std over seeds) | verdict |", "|---|---|---|---|"]
         lines += [f"| {r['area']} | {r['paper']} | {r['ours']} | **{r['verdict']}** |" for r in rows]
     else:
-        lines[-2:] = [f"The last column is the verdict of the same claim at full budgets (`{Path(full_runs).as_posix()}`); "
-                      "where the two differ, the quick budgets are the reason (fewer epochs, tasks, trials, samples and seeds: SSKT's "
-                      "sub-point differences flip with 3 seeds instead of 5, and shorter KF runs stay within a point on average "
-                      "but not in every seed): the quick table checks that every study runs end to end; the full table is the "
-                      "result.", "",
-                      "| area | the paper's statement | ours (mean ± std over seeds) | verdict | at full budgets |",
-                      "|---|---|---|---|---|"]
+        lines += [f"The last column is the verdict of the same claim at full budgets (`{Path(full_runs).as_posix()}`); "
+                  "where the two differ, the quick budgets are the reason (fewer epochs, tasks, trials, samples and seeds: SSKT's "
+                  "sub-point differences flip with 3 seeds instead of 5, and shorter KF runs stay within a point on average "
+                  "but not in every seed): the quick table checks that every study runs end to end; the full table is the "
+                  "result.", "",
+                  "| area | the paper's statement | ours (mean ± std over seeds) | verdict | at full budgets |",
+                  "|---|---|---|---|---|"]
         lines += [f"| {r['area']} | {r['paper']} | {r['ours']} | **{r['verdict']}** | {f['verdict']}"
                   f"{' (differs)' if 'not run' not in (r['verdict'], f['verdict']) and r['verdict'] != f['verdict'] else ''} |"
                   for r, f in zip(rows, full)]

@@ -252,7 +252,6 @@ class KnowledgeFactorization(Method):
                 print(f"kbricks: warning: {exc}; using method.infomax=views (set method.infomax to choose)", file=sys.stderr)
                 weight = params.infomax_weight if "infomax_weight" in chosen else INFOMAX_DEFAULT_WEIGHT["views"]
                 self.params = params = params.model_copy(update={"infomax": "views", "infomax_weight": weight})
-                self.teacher_tap = self.ckn_tap = None
         if params.infomax_weight > 0 and params.infomax == "views":
             d = ckn.feature_dim
             self.projector = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, params.proj_dim))

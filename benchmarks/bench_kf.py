@@ -4,6 +4,10 @@ Bound (issue 14): teacher forward without grad + CKN forward/backward + each TSN
 (+ the same optimiser step over the same parameters). The KF step is the method's real ``training_step`` with the
 shipped config's objective, backward and optimiser step. Both are timed interleaved in one process.
 
+Growth with T (issue 14, goal 2) is timed in its own block, step(T=1) and step(T=8) interleaved, next to the work's
+own growth: the FLOP ratio of the two steps (counted with torch's FlopCounterMode on the task-by-task path, the same
+arithmetic as the fused bank). No implementation can beat that ratio unless the T=8 step runs more FLOPs per second.
+
 T tasks: digits ``split: T`` (T class groups); dSprites the first T of [shape, scale, orientation, pos_x, pos_y,
 shape, scale, orientation] (T = 8 repeats three latents: the same cost as eight distinct ones).
 """
@@ -109,6 +113,35 @@ def bench_dataset(dataset: str, tmp: Path, tasks: Sequence[int] = (1, 2, 4, 8), 
     return out
 
 
+STEP_T1 = "kf step, T=1"
+STEP_T8_LOOP = "kf step, T=8, TSNs one by one"
+STEP_T8_FUSED = "kf step, T=8, fused bank"
+
+
+def step_flops(exp, batch: Batch) -> float:
+    """FLOPs of one KF training step (forward and backward), TSNs one by one."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step = kf_step(exp, batch, fused=False)
+    step()  # built lazily on the first call: count a steady step
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def bench_scaling(dataset: str, tmp: Path, batch_size: int = 64) -> Dict[str, float]:
+    """step(T=8) / step(T=1), both timed in one interleaved block, next to the FLOP ratio of the two steps."""
+    teacher = tmp / f"teacher-{dataset}"
+    one, eight = build(dataset, teacher, 1), build(dataset, teacher, 8)
+    b1, b8 = first_batch(one, batch_size), first_batch(eight, batch_size)
+    flops = step_flops(eight, b8) / step_flops(one, b1)
+    times = time_interleaved({STEP_T1: kf_step(one, b1), STEP_T8_LOOP: kf_step(eight, b8, fused=False),
+                              STEP_T8_FUSED: kf_step(eight, b8)})
+    out = report(f"KF step, T=8 vs T=1, {dataset}, batch {batch_size} (FLOP ratio T=8 / T=1: {flops:.2f}x)", times, STEP_T1)
+    return out | {"flop ratio T=8 / T=1": flops, "ms per extra TSN, one by one": (times[STEP_T8_LOOP] - times[STEP_T1]) * 1e3 / 7,
+                  "ms per extra TSN, fused bank": (times[STEP_T8_FUSED] - times[STEP_T1]) * 1e3 / 7}
+
+
 def bench_bank(num_tasks: int = 8, batch_size: int = 64) -> Dict[str, float]:
     """The digits TSNs alone (forward + backward, codes at their means): task by task, torch.func.vmap over
     stacked parameters, and the fused channel-stacked bank."""
@@ -146,6 +179,7 @@ def main(datasets: List[str] = ("digits", "dsprites")):
     with tempfile.TemporaryDirectory() as tmp:
         for d in datasets:
             out.update(bench_dataset(d, Path(tmp)))
+            out[f"{d}, T=8 vs T=1"] = bench_scaling(d, Path(tmp))
     out["TSN bank alone, T=8"] = bench_bank()
     return out
 

@@ -58,3 +58,44 @@ def test_thread_policy(tiny_cfg, tmp_path, monkeypatch):
     run_training(tiny_cfg(**{"train.num_threads": 1}), tmp_path / "cfg")  # the config wins over the environment
     assert json.loads((tmp_path / "env/env.json").read_text())["threads"] == 2
     assert json.loads((tmp_path / "cfg/env.json").read_text())["threads"] == 1
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop"])
+def test_optimizer_uses_the_fused_update_where_torch_has_one_and_it_matches_the_loop(name):
+    from kbricks.config import OptimConfig
+    from kbricks.engine.trainer import make_optimizer
+
+    torch.manual_seed(0)
+    shapes = [(16, 1, 3, 3), (16,), (8, 32), (8,)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    cfg = OptimConfig(name=name, lr=0.05, momentum=0.9, nesterov=name == "sgd", weight_decay=5e-4)
+    finals = {}
+    for fused in (True, False):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = make_optimizer(cfg, params)
+        assert opt.param_groups[0].get("fused") is (True if name != "rmsprop" else None)
+        if not fused:
+            opt.param_groups[0]["fused"] = None  # torch's per-parameter loop
+        for g in grads:
+            for p, gp in zip(params, g):
+                p.grad = gp.clone()
+            opt.step()
+        finals[fused] = params
+    for a, b in zip(finals[True], finals[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_from_an_unfused_optimizer_resumes_with_the_fused_update(tiny_cfg, tmp_path):
+    from kbricks.core.checkpoint import load_checkpoint, save_checkpoint
+
+    run_training(tiny_cfg(), tmp_path / "run")
+    path = tmp_path / "run/ckpt/last.pt"
+    state = load_checkpoint(path)
+    assert state["optimizer"]["param_groups"][0]["fused"] is True
+    for g in state["optimizer"]["param_groups"]:
+        g["fused"] = None  # as written before kbricks used the fused update
+    save_checkpoint(state, path)
+    run_training(tiny_cfg(**{"train.epochs": 3}), tmp_path / "run", resume=True)
+    resumed = load_checkpoint(path)
+    assert resumed["epoch"] == 3 and resumed["optimizer"]["param_groups"][0]["fused"] is True

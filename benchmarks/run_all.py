@@ -2,7 +2,8 @@
 
 Writes results/bench.json (every number) and results/bench.md: the device, the targets of issue 14 (KF step vs its
 bound, the fused TSN bank, trainer vs a minimal loop, the demo's wall time, accelerator options), the 1-vs-2-thread
-rows of issue 16, then every block in detail. ``BENCH_ONLY=kf,trainer`` runs a subset; ``BENCH_THREADS`` sets the
+rows of issue 16, then every block in detail. ``BENCH_ONLY=kf,trainer`` runs a subset (the other benches keep their
+last numbers, and the table says when each was measured); ``BENCH_THREADS`` sets the
 intra-op threads (default 1, the library's default); ``BENCH_CLOCK=cpu`` times with the CPU clock.
 """
 
@@ -87,16 +88,14 @@ def target_rows(results) -> list:
         rows.append(f"| 3. trainer / minimal loop, {name}, evaluation at the end (every epoch) | "
                     f"{fmt(block['kbricks run_training, evaluation at the end/ratio'], 3)} "
                     f"({fmt(block['kbricks run_training, evaluation every epoch/ratio'], 3)}) | ≤ 1.05x |")
-    demo = ROOT / "runs" / "demo" / "demo-time.json"
-    if demo.exists():
-        d = json.loads(demo.read_text())
+    demo = results.get("demo") or {}
+    d, b = demo.get("idle"), demo.get("busy")
+    if d:
         rows.append(f"| 4. `make demo` wall time / 10 min ({d['workers']} workers, {d['cores']} cores, load {d['load_before']:.1f} at start, {d['date']}) | "
                     f"{d['wall_s'] / 600:.2f}x ({d['wall_s'] / 60:.1f} min) | ≤ 1.0x on 2 idle cores |")
     else:
-        rows.append("| 4. `make demo` wall time / 10 min | not measured in this run (`make demo` writes runs/demo/demo-time.json) | ≤ 1.0x |")
-    busy = ROOT / "runs" / "demo" / "demo-time-busy.json"  # a `make demo` next to one CPU-bound process, copied here
-    if demo.exists() and busy.exists():
-        b = json.loads(busy.read_text())
+        rows.append("| 4. `make demo` wall time / 10 min | not measured yet (`make demo` writes runs/demo/demo-time.json) | ≤ 1.0x |")
+    if d and b:
         rows.append(f"| 4b. (issue 16) `make demo` next to one CPU-bound process / idle ({b['date']}) | "
                     f"{b['wall_s'] / d['wall_s']:.2f}x ({b['wall_s'] / 60:.1f} vs {d['wall_s'] / 60:.1f} min) | ≤ 1.5x |")
     accel = results.get("accel") or {}
@@ -139,6 +138,16 @@ def thread_rows(results) -> list:
     return rows
 
 
+def refresh_demo(results) -> None:
+    """`make demo` timings live in runs/demo/ (not committed): copy the newest into the results kept in bench.json.
+    demo-time-busy.json is a `make demo` run next to one CPU-bound process, copied there by hand."""
+    demo = results.setdefault("demo", {})
+    for key, name in (("idle", "demo-time.json"), ("busy", "demo-time-busy.json")):
+        path = ROOT / "runs" / "demo" / name
+        if path.exists():
+            demo[key] = json.loads(path.read_text())
+
+
 def main() -> None:
     threads = int(os.environ.get("BENCH_THREADS", "1"))
     torch.set_num_threads(threads)
@@ -146,19 +155,32 @@ def main() -> None:
     device = device_line()
     print(f"[bench] {device}; {threads} intra-op thread(s); clock {os.environ.get('BENCH_CLOCK', 'wall')}", flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    results = {}
-    for name in only:
-        results[name] = run_bench(name)
-        torch.set_num_threads(threads)
+    out = ROOT / "results" / "bench.json"
+    saved = json.loads(out.read_text()) if out.exists() and set(only) != set(BENCHES) else {}
+    results = saved.get("results", {})  # a subset run (BENCH_ONLY) keeps the other benches' last numbers
     meta = {"device": device, "threads": threads, "torch": torch.__version__, "clock": os.environ.get("BENCH_CLOCK", "wall"),
             "load_average_at_start": load, "commit": git_commit(), "date": datetime.date.today().isoformat()}
-    out = ROOT / "results" / "bench.json"
+    measured = saved.get("measured", {})
+    refresh_demo(results)
+    for name in only:
+        results[name] = run_bench(name)
+        measured[name] = {k: meta[k] for k in ("commit", "date", "load_average_at_start")}
+        torch.set_num_threads(threads)
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    render(results, meta)
+    out.write_text(json.dumps({"meta": meta, "measured": measured, "results": results}, indent=2))
+    render(results, meta, measured)
 
 
-def render(results, meta) -> None:
+def when(measured, meta) -> list:
+    """A line naming the commit and date of each bench when a subset run (BENCH_ONLY) left some from earlier."""
+    measured = measured or {}
+    if all(m["commit"] == meta["commit"] for m in measured.values()):
+        return []
+    parts = [f"{name} at commit {m['commit']} ({m['date']}, load {m['load_average_at_start']:.1f})" for name, m in measured.items()]
+    return ["", "Benches measured in different runs: " + "; ".join(parts) + "."]
+
+
+def render(results, meta, measured=None) -> None:
     """results/bench.md from the measured numbers (``python benchmarks/run_all.py --render`` redraws it from
     results/bench.json, e.g. after a `make demo` measurement)."""
     out = ROOT / "results" / "bench.json"
@@ -166,7 +188,7 @@ def render(results, meta) -> None:
     lines = ["# Benchmarks", "",
              f"`make bench` on {device}, {threads} intra-op thread(s) unless a row says otherwise, {meta['clock']} clock, "
              f"commit {meta['commit']}, {meta['date']}; 1-minute load average {load:.1f} at the start. Candidates are timed "
-             "interleaved in one process (median of rounds); each ratio is to the first row of its block.", "",
+             "interleaved in one process (median of rounds); each ratio is to the first row of its block.", *when(measured, meta), "",
              "## Issue 14 targets", ""] + target_rows(results)
     supermask = supermask_rows(results)
     if supermask:
@@ -175,6 +197,8 @@ def render(results, meta) -> None:
         lines += ["", "## Threads (issue 16): 1 vs 2 intra-op threads, alone and next to one CPU-bound process", ""] + thread_rows(results)
     lines.append("")
     for bench, blocks in results.items():
+        if bench == "demo":
+            continue
         for block, vals in blocks.items():
             if block.startswith("_"):
                 continue
@@ -190,7 +214,10 @@ def render(results, meta) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--render"]:
-        saved = json.loads((ROOT / "results" / "bench.json").read_text())
-        render(saved["results"], saved["meta"])
+        path = ROOT / "results" / "bench.json"
+        saved = json.loads(path.read_text())
+        refresh_demo(saved["results"])
+        path.write_text(json.dumps(saved, indent=2))
+        render(saved["results"], saved["meta"], saved.get("measured"))
     else:
         main()

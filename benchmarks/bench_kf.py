@@ -174,6 +174,23 @@ def bench_bank(num_tasks: int = 8, batch_size: int = 64) -> Dict[str, float]:
     return report(f"{num_tasks} digits TSNs alone, forward + backward, batch {batch_size}", times, "task by task")
 
 
+def bench_optimizer(tmp: Path, num_tasks: int = 8) -> Dict[str, float]:
+    """One SGD update over the digits KF parameters at T=8 (184 small tensors): torch's per-parameter loop, its
+    foreach form, and the fused update make_optimizer picks."""
+    exp = build("digits", tmp / "teacher-digits", num_tasks)
+    params = list(exp.method.trainable_parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    fused = make_optimizer(exp.cfg.optim, params)
+    o = exp.cfg.optim
+    kw = dict(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    times = time_interleaved({"per-parameter loop (torch's CPU default)": torch.optim.SGD(params, **kw).step,
+                              "foreach": torch.optim.SGD(params, foreach=True, **kw).step,
+                              f"kbricks (fused={fused.param_groups[0].get('fused')})": fused.step}, inner=20)
+    return report(f"SGD update, digits KF parameters at T={num_tasks} ({len(params)} tensors)", times,
+                  "per-parameter loop (torch's CPU default)")
+
+
 def main(datasets: List[str] = ("digits", "dsprites")):
     torch.manual_seed(0)
     out = {}
@@ -181,6 +198,8 @@ def main(datasets: List[str] = ("digits", "dsprites")):
         for d in datasets:
             out.update(bench_dataset(d, Path(tmp)))
             out[f"{d}, T=8 vs T=1"] = bench_scaling(d, Path(tmp))
+        if "digits" in datasets:
+            out["SGD update, T=8 parameters"] = bench_optimizer(Path(tmp))
     out["TSN bank alone, T=8"] = bench_bank()
     return out
 

@@ -35,7 +35,8 @@ IMPLEMENTATION_KEYS = ("fused", "foreach")  # how the update runs, not optimiser
 
 def fused_supported(params: Sequence[nn.Parameter]) -> bool:
     """torch's fused update (one kernel for every parameter) needs floating-point parameters on one device type
-    that has it; it is 1.5-5x cheaper than the per-parameter loop for many small tensors (KF's task networks)."""
+    that has it; for many small tensors (KF's task networks) it is far cheaper than the per-parameter loop
+    (`make bench`: SGD update over KF's 184 digits tensors)."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
     kinds = {p.device.type for p in params}

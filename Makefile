@@ -1,4 +1,5 @@
-# Set-up is part of every target: a local venv with CPU PyTorch (never a bare `torch`, which pulls CUDA).
+# Set-up is part of every target: a local venv with the users' environment, pinned: the registry's standard torch,
+# torchvision and timm builds (never a bare `torch`, which would pull the newest CUDA build).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kbricks-installed
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.kbricks-installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 timm==1.0.31
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 

@@ -12,9 +12,24 @@ from __future__ import annotations
 import multiprocessing
 import os
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 Call = Tuple[Callable[..., Any], tuple, dict]
+
+_launcher: Optional[Any] = None  # a cluster launcher (engine/launch.py) chosen by the CLI for this process
+
+
+@contextmanager
+def launching(launcher: Optional[Any]) -> Iterator[None]:
+    """Within the block, :func:`run_parallel` hands its calls to ``launcher`` (an object with ``map(calls)``, e.g.
+    :class:`kbricks.engine.launch.SubmititLauncher`) instead of the local pool; ``None`` keeps the pool."""
+    global _launcher
+    saved, _launcher = _launcher, launcher
+    try:
+        yield
+    finally:
+        _launcher = saved
 
 
 def default_workers(jobs: int) -> int:
@@ -103,7 +118,10 @@ def run_parallel(calls: Sequence[Call], workers: Optional[int] = None) -> List[A
     """Run ``fn(*args, **kwargs)`` for every call, ``workers`` at a time in worker processes; results in call order.
 
     With one worker (or one call) everything runs here, in order. The first failure is raised here once the calls
-    already running have finished; queued ones are cancelled. ``fn`` must be importable (a module-level function)."""
+    already running have finished; queued ones are cancelled. ``fn`` must be importable (a module-level function).
+    Inside :func:`launching`, every call is a cluster job instead (``workers`` does not apply)."""
+    if _launcher is not None:
+        return _launcher.map(calls)
     workers = default_workers(len(calls)) if workers is None else max(1, min(workers, len(calls)))
     if workers == 1:
         return [fn(*args, **kwargs) for fn, args, kwargs in calls]

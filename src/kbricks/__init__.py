@@ -29,10 +29,11 @@ from .methods.kf.bricks import assemble, load_assembled, load_brick, save_assemb
 from .models.deploy import load_model
 from .models.foreign import NetworkSpec
 from .models.masked import supermask
+from .models._factory import zoo
 
 __all__ = [
     "__version__", "assemble", "build_config", "evaluate", "export", "load_assembled", "load_brick", "load_config", "load_model",
     "save_assembled", "train",
-    "factorize", "distill", "learn_continually", "accuracy", "supermask", "NetworkSpec", "Run", "Factorization", "ContinualRun",
+    "factorize", "distill", "learn_continually", "accuracy", "supermask", "zoo", "NetworkSpec", "Run", "Factorization", "ContinualRun",
     "CheckpointError", "ConfigError", "DataError", "KbricksError", "TrainingDiverged",
 ]

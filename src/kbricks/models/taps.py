@@ -26,10 +26,9 @@ NAME_IT = "name it in the spec with head: <layer> (or features: <layer>[:input])
 
 def _reaches_output_unchanged(t: torch.Tensor, version: int, out: torch.Tensor) -> bool:
     """``t`` is ``out`` or a view of the same values (reshape, flatten, identity) not modified in place since."""
-    if t is out:
-        return True
-    return (t.data_ptr() == out.data_ptr() and t.numel() == out.numel() and t.dtype == out.dtype
-            and t._version == version)
+    if t._version != version:  # changed in place after the layer (views share the counter)
+        return False
+    return t is out or (t.data_ptr() == out.data_ptr() and t.numel() == out.numel() and t.dtype == out.dtype)
 
 
 def find_head(module: nn.Module, example: torch.Tensor, where: str) -> str:

@@ -201,7 +201,7 @@ class KnowledgeFactorization(Method):
         self.num_classes = ctx.train.num_classes
         self.teacher = load_teacher(params.teacher, ctx)
         shape = dict(in_channels=ctx.train.in_channels, image_size=ctx.train.image_size)
-        ckn = create_model(ctx.cfg.model.name, num_classes=0, **shape, **ctx.cfg.model.kwargs)
+        ckn = create_model(ctx.cfg.model.name, num_classes=0, **shape, **ctx.cfg.model.layers(), **ctx.cfg.model.kwargs)
         if params.combine == "sum" and params.tsn_dim != ckn.feature_dim:
             raise ConfigError(f"method.combine=sum needs method.tsn_dim == CKN feature size ({ckn.feature_dim})")
         tsns = [

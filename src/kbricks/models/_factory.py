@@ -133,8 +133,11 @@ def call_factory(factory: Callable[..., Any], kwargs: Dict[str, Any], where: str
 
 
 def _failed(factory: Any, args: Dict[str, Any], where: str, exc: BaseException) -> ConfigError:
-    shown = ", ".join(f"{k}={v!r}" for k, v in args.items())
-    return ConfigError(f"{where}: {factory_name(factory)}({shown}) failed: {exception_line(exc)}")
+    func, positional = factory, []
+    if isinstance(factory, functools.partial):  # shown as one call: create_model('resnet18', pretrained=False, num_classes=10)
+        func, positional, args = factory.func, list(factory.args), {**factory.keywords, **args}
+    shown = ", ".join([repr(a) for a in positional] + [f"{k}={v!r}" for k, v in args.items()])
+    return ConfigError(f"{where}: {factory_name(func)}({shown}) failed: {exception_line(exc)}")
 
 
 def class_count_hint(factory: Any) -> str:

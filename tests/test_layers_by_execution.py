@@ -79,7 +79,7 @@ def test_a_head_that_cannot_be_found_asks_for_head_or_features_in_one_line():
     undecided = create_model(OBJECTS.put(ScaledOutput, "student"), num_classes=10, in_channels=1, image_size=8)
     assert undecided(x).shape == (3, 10)  # trains as a whole; only asking for its head fails
     with pytest.raises(ConfigError, match="head: <layer>"):
-        undecided.feature_dim
+        _ = undecided.feature_dim
 
 
 class TwoHeads(nn.Module):

@@ -26,10 +26,10 @@ from .engine.export import export
 from .engine.trainer import run_training as train
 from .errors import CheckpointError, ConfigError, DataError, KbricksError, TrainingDiverged
 from .methods.kf.bricks import assemble, load_assembled, load_brick, save_assembled
+from .models._factory import zoo
 from .models.deploy import load_model
 from .models.foreign import NetworkSpec
 from .models.masked import supermask
-from .models._factory import zoo
 
 __all__ = [
     "__version__", "assemble", "build_config", "evaluate", "export", "load_assembled", "load_brick", "load_config", "load_model",

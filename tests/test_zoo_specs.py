@@ -115,3 +115,13 @@ def test_a_zoo_student_trains_from_a_spec_string(tmp_path):
                           student="timm:resnet18", epochs=1, run_dir=tmp_path / "r", progress="off",
                           overrides=["train.max_steps_per_epoch=1", "train.plots=false"])
     assert run.model.module.conv1.in_channels == 1 and run.predict(d.test.x[:3]).shape == (3, 10)
+    # the run's card names the zoo model: it reloads as a teacher with the same outputs
+    from kbricks.models.frozen import load_trained_model
+
+    net, card = load_trained_model(run.run_dir)
+    assert card["model"] == {"name": "timm:resnet18", "kwargs": {}}
+    with torch.no_grad():
+        assert torch.allclose(net.eval()(d.test.x[:3]), run.model.eval()(d.test.x[:3]), atol=1e-5)
+    with pytest.raises(ConfigError, match="a teacher or source must be a trained network object"):
+        kbricks.distill((d.train.x[:64], d.train.y[:64]), teacher=kbricks.zoo("timm:resnet18"), teacher_normalize="none",
+                        epochs=1, run_dir=tmp_path / "t", progress="off")

@@ -39,6 +39,7 @@ class ForeignClassifier(nn.Module):
         self._head_name = head
         self._feature_layer = features
         self._tap: Optional[FeatureTap] = None
+        self._head: Optional[tuple] = None
         self._feature_dim: Optional[int] = None
 
     def _example(self) -> torch.Tensor:
@@ -53,11 +54,13 @@ class ForeignClassifier(nn.Module):
 
     @property
     def head(self) -> nn.Module:
-        modules = dict(self.module.named_modules())
-        if self.head_name not in modules:
-            raise ConfigError(f"{self.where}: the network has no layer {self.head_name!r} (head); its layers include "
-                              f"{[n for n in modules if n][:12]}")
-        return modules[self.head_name]
+        if self._head is None:  # a 1-tuple: a plain attribute, not a second registration of the layer
+            modules = dict(self.module.named_modules())
+            if self.head_name not in modules:
+                raise ConfigError(f"{self.where}: the network has no layer {self.head_name!r} (head); its layers include "
+                                  f"{[n for n in modules if n][:12]}")
+            self._head = (modules[self.head_name],)
+        return self._head[0]
 
     @property
     def tap(self) -> FeatureTap:

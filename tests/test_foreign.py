@@ -14,8 +14,9 @@ from kbricks import build_config, train
 from kbricks.cli import main
 from kbricks.core.checkpoint import save_safetensors
 from kbricks.errors import CheckpointError, ConfigError, DataError
-from kbricks.models.foreign import FeatureTap, as_spec
 from kbricks.models.frozen import load_frozen
+from kbricks.models.spec import as_spec
+from kbricks.models.taps import FeatureTap
 
 USER_CODE = '''
 import torch
@@ -226,7 +227,7 @@ def test_module_and_callable_teachers_in_a_config_dict(user_code, tmp_path, digi
     assert cfg["method"]["teacher"].startswith("memory:")
 
 
-def test_feature_tap_defaults_to_the_input_of_the_last_linear(user_code):
+def test_feature_tap_defaults_to_the_input_of_the_head(user_code):
     net = user_code.Nested(width=6)
     x = torch.rand(4, 1, 8, 8)
     out, z = FeatureTap(net)(x)
@@ -353,7 +354,7 @@ def test_sskt_sources_of_other_label_spaces_and_resolutions(digits01, tmp_path):
 
 @pytest.mark.parametrize("method", ["dml", "maxl"])
 def test_user_class_as_the_student_of_every_method(user_code, method, tmp_path, digits01):
-    """A user module without `features` / `head` is a kbricks classifier through its last nn.Linear."""
+    """A user module without `features` / `head` is a kbricks classifier through its head, found by running it."""
     import kbricks
 
     x, y, xt, yt = digits01

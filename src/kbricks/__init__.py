@@ -26,6 +26,7 @@ from .engine.export import export
 from .engine.trainer import run_training as train
 from .errors import CheckpointError, ConfigError, DataError, KbricksError, TrainingDiverged
 from .methods.kf.bricks import assemble, load_assembled, load_brick, save_assembled
+from .models._factory import zoo
 from .models.deploy import load_model
 from .models.foreign import NetworkSpec
 from .models.masked import supermask
@@ -33,6 +34,6 @@ from .models.masked import supermask
 __all__ = [
     "__version__", "assemble", "build_config", "evaluate", "export", "load_assembled", "load_brick", "load_config", "load_model",
     "save_assembled", "train",
-    "factorize", "distill", "learn_continually", "accuracy", "supermask", "NetworkSpec", "Run", "Factorization", "ContinualRun",
+    "factorize", "distill", "learn_continually", "accuracy", "supermask", "zoo", "NetworkSpec", "Run", "Factorization", "ContinualRun",
     "CheckpointError", "ConfigError", "DataError", "KbricksError", "TrainingDiverged",
 ]

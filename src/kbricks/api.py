@@ -34,7 +34,7 @@ from .engine.experiment import build_config
 from .engine.trainer import run_training
 from .errors import ConfigError
 from .methods.kf.bricks import assemble
-from .models.foreign import NetworkSpec
+from .models.spec import NetworkSpec
 from .registry import OBJECTS
 
 Data = Any  # (x, y) | Dataset | DataSplits | dataset name | data config dict

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from .errors import ConfigError
 
@@ -70,6 +70,16 @@ class DataConfig(Strict):
 class ModelConfig(Strict):
     name: str
     kwargs: Dict[str, Any] = Field(default_factory=dict)
+    head: Optional[str] = Field(None, description="a user network's classifier layer, when running it once cannot tell")
+    features: Optional[str] = Field(None, description="a user network's feature layer ('<layer>' or '<layer>:input')")
+
+    @model_serializer(mode="wrap")
+    def _without_unset_layers(self, handler):  # configs and cards without head / features stay as they were
+        return {k: v for k, v in handler(self).items() if k not in ("head", "features") or v is not None}
+
+    def layers(self) -> Dict[str, str]:
+        """``head`` / ``features`` when set, as keyword arguments of ``models.create_model``."""
+        return {k: v for k, v in (("head", self.head), ("features", self.features)) if v is not None}
 
 
 class MethodConfig(BaseModel):

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..errors import ConfigError
-from ..models.foreign import NetworkSpec
-from ..models.frozen import load_frozen, task_logits
+from ..models.frozen import task_logits
+from ..models.spec import NetworkSpec
+from ._teacher import TEACHER_HELP, load_teacher
 from .base import METHODS, Batch, Method, MethodContext, MethodParams
 from .supervised import build_network, cross_entropy_loss
 
@@ -24,42 +24,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     log_p_s = F.log_softmax(student_logits / t, dim=1)
     log_p_t = F.log_softmax(teacher_logits / t, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * t * t
-
-
-def input_norm(ctx: MethodContext):
-    tf = getattr(ctx, "transform", None)
-    return {"mean": tf.mean, "std": tf.std} if tf is not None and tf.mean is not None else None
-
-
-def example_inputs(ctx: MethodContext, n: int = 2) -> torch.Tensor:
-    """A few training inputs as the method sees them (normalised): a loaded network's dummy batch."""
-    x = ctx.train.x[:n]
-    tf = getattr(ctx, "transform", None)
-    return tf(x, train=False) if tf is not None else x
-
-
-def load_teacher(spec: NetworkSpec, ctx: MethodContext, where: str = "method.teacher"):
-    """The frozen teacher, fed the method's inputs, checked on one batch and against the data's label space."""
-    teacher = load_frozen(spec, input_norm(ctx), example_inputs(ctx), where)
-    check_teacher_outputs(teacher, ctx, f"{where} ({spec.describe()})")
-    return teacher
-
-
-TEACHER_HELP = ("the trained teacher: a kbricks run directory or model.json, a TorchScript file, or "
-                "{path: package.module:factory, kwargs, weights, normalize} (docs/byo.md)")
-
-
-def check_teacher_outputs(teacher, ctx: MethodContext, where: str) -> None:
-    """KD needs the teacher to speak the student's label space (SSKT is the method for foreign label spaces)."""
-    if teacher.task_names:
-        missing = [t.name for t in ctx.tasks if t.name not in teacher.task_names]
-        if missing:
-            raise ConfigError(f"teacher {where} has no heads for tasks {missing}; its heads are {teacher.task_names}")
-    elif teacher.num_outputs != ctx.train.num_classes:
-        raise ConfigError(
-            f"teacher {where} predicts {teacher.num_outputs} classes but the data has {ctx.train.num_classes}; "
-            "KD needs a shared label space (use method sskt for sources with other label spaces)"
-        )
 
 
 @METHODS.register("kd", tags=("distillation",))

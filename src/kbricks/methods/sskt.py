@@ -20,10 +20,9 @@ from pydantic import Field
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.foreign import NetworkSpec
-from ..models.frozen import load_frozen
+from ..models.spec import NetworkSpec
+from ._teacher import load_network
 from .base import METHODS, Batch, Method, MethodContext, MethodParams
-from .kd import example_inputs, input_norm
 from .supervised import build_network
 
 
@@ -78,8 +77,7 @@ class SSKT(Method):
         super().__init__()
         self.params = params
         self.net = build_network(ctx)
-        example = example_inputs(ctx)
-        self.sources = nn.ModuleList(load_frozen(s, input_norm(ctx), example, f"method.sources[{i}]") for i, s in enumerate(params.sources))
+        self.sources = nn.ModuleList(load_network(s, ctx, f"method.sources[{i}]") for i, s in enumerate(params.sources))
         sizes = []
         for spec, src in zip(params.sources, self.sources):
             if src.task_names or not isinstance(src.num_outputs, int):

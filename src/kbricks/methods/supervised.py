@@ -23,7 +23,7 @@ def build_network(ctx: MethodContext, num_outputs: int | None = None) -> nn.Modu
     latent = [t for t in ctx.tasks if t.kind == "latent"]
     n_out = 0 if latent else (num_outputs or ctx.train.num_classes)
     net = create_model(
-        mc.name, num_classes=n_out, in_channels=ctx.train.in_channels, image_size=ctx.train.image_size, **mc.kwargs
+        mc.name, num_classes=n_out, in_channels=ctx.train.in_channels, image_size=ctx.train.image_size, **mc.layers(), **mc.kwargs
     )
     if latent:
         return MultiHeadClassifier(net, [t.num_classes for t in ctx.tasks])

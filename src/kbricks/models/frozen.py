@@ -1,64 +1,29 @@
 """Frozen pretrained networks (teachers, sources, baselines): loaded without pickle and kept in eval mode.
 
-A frozen network is named by a network spec (``models.foreign``): a kbricks run directory (``model.json`` +
-``model.safetensors``, its fingerprint checked), a TorchScript file, an import path with a weights file, or an object
-handed to the Python API. Its input convention comes from its run (kbricks) or from its spec (anything else). The
-method's inputs, normalised with the method's own statistics, are converted to what the network takes; one batch
-of the data goes through it when it is loaded, so a network that cannot take the data, or predicts the wrong
-number of classes, fails in one line before training starts.
+A frozen network is named by a network spec (:mod:`kbricks.models.spec`) and opened by
+:func:`kbricks.models.open.open_spec`. Its input convention comes from its run (kbricks) or from its spec
+(anything else). The method's inputs, normalised with the method's own statistics, are converted to what the
+network takes; one batch of the data goes through it when it is loaded, so a network that cannot take the data, or
+predicts the wrong number of classes, fails in one line before training starts.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ..core.checkpoint import fingerprint, load_safetensors, load_state_into, read_json
 from ..data.tasks import Task
-from ..errors import CheckpointError, ConfigError
-from .foreign import FeatureTap, InputAdapter, NetworkRef, NetworkSpec, as_spec, open_network, output_classes, probe
-from .heads import MultiHeadClassifier
+from ..errors import ConfigError
+from ._probe import output_classes, probe
+from .adapter import InputAdapter
+from .card import read_model_card
+from .open import build_from_card, load_trained_model, open_spec
+from .spec import NetworkRef, NetworkSpec, as_spec
+from .taps import FeatureTap
 
 Output = Union[torch.Tensor, List[torch.Tensor]]
-
-
-def read_model_card(path: Union[str, Path]) -> Tuple[Dict[str, Any], Path]:
-    """``path`` is a run directory or its ``model.json``; returns (card, directory)."""
-    p = Path(path)
-    card_path = p / "model.json" if p.is_dir() else p
-    card = read_json(card_path, f"no trained model at {str(path)!r} (expected a run directory with model.json)")
-    if not isinstance(card, dict):
-        raise CheckpointError(f"{card_path} is not a kbricks model card (a JSON object is expected, got {type(card).__name__})")
-    if [k for k in ("model", "num_classes", "in_channels", "image_size") if k not in card] or not isinstance(card["model"], dict):
-        raise CheckpointError(f"{card_path} is not a kbricks model card (it lacks model, num_classes, in_channels or image_size)")
-    if card.get("network", "classifier") != "classifier":
-        raise CheckpointError(f"{card_path} describes a {card.get('method')!r} run whose network is {card.get('network')!r}, not one classifier; load its bricks instead")
-    return card, card_path.parent
-
-
-def build_from_card(card: Dict[str, Any]) -> nn.Module:
-    latent = [t for t in card.get("tasks", []) if t.get("latent") is not None]
-    n_out = 0 if latent else card["num_classes"]
-    from . import create_model  # registered names and user networks alike
-
-    image_size = card["image_size"]
-    net = create_model(card["model"]["name"], num_classes=n_out, in_channels=card["in_channels"],
-                        image_size=tuple(image_size) if isinstance(image_size, list) else image_size, **card["model"].get("kwargs", {}))
-    return MultiHeadClassifier(net, [t["num_classes"] for t in latent]) if latent else net
-
-
-def load_trained_model(path: Union[str, Path], verify: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
-    """The classifier of a kbricks run; with ``verify`` its weights must hash to the card's fingerprint."""
-    card, folder = read_model_card(path)
-    net, tensors = build_from_card(card), load_safetensors(folder / "model.safetensors")
-    if verify and card.get("fingerprint") is not None and fingerprint(tensors) != card["fingerprint"]:
-        raise CheckpointError(f"{folder / 'model.safetensors'} does not match the fingerprint in {folder / 'model.json'} "
-                              "(modified or corrupt): refusing it")
-    load_state_into(net, tensors, f"model described by {folder / 'model.json'}")
-    return net, card
 
 
 class FrozenNetwork(nn.Module):
@@ -66,7 +31,8 @@ class FrozenNetwork(nn.Module):
 
     ``net_norm``: the statistics the network was trained with (None: it takes the data as loaded);
     ``input_norm``: those the caller normalised its inputs with (None: the caller feeds the data as loaded);
-    ``input_spec``: channel map / resize / reshape between the two; ``feature_layer``: where ``features`` reads."""
+    ``input_spec``: channel map / resize / reshape between the two; ``feature_layer``: where ``features`` reads
+    (None: the network's own ``features``, else the input of its head found by execution)."""
 
     def __init__(self, net: nn.Module, net_norm=None, input_norm=None, task_names: Optional[Sequence[str]] = None,
                  input_spec=None, feature_layer: Optional[str] = None, num_outputs: Optional[Union[int, List[int]]] = None):
@@ -90,15 +56,19 @@ class FrozenNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> Output:
         return self.net(self.adapter(x))
 
+    def feature_tap(self, layers=None, where: str = "the network", pool: bool = False) -> FeatureTap:
+        """A tap on the network itself (its layers see the converted inputs)."""
+        return FeatureTap(self.net, layers, where, pool)
+
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Features [B, D]: the network's own ``features`` (kbricks classifiers) unless a layer is named; otherwise
-        the named layer, by default the input of the last ``nn.Linear``."""
+        the named layer, by default the input of the layer whose output is the network's output."""
         own = getattr(self.net, "features", None)
         if self.feature_layer is None and callable(own) and not isinstance(own, nn.Module):
             return own(self.adapter(x))
         if self._tap is None:
-            self._tap = FeatureTap(self.net, self.feature_layer, "features")
+            self._tap = FeatureTap(self.net, self.feature_layer, "the network")
         return self._tap(self.adapter(x))[1]
 
 
@@ -107,8 +77,8 @@ def load_frozen(ref: NetworkRef, input_norm: Optional[Dict[str, Any]] = None, ex
     """The frozen network ``ref`` names (a spec, its dict form, or a path string). ``input_norm``: how the caller
     normalises its inputs. ``example``: a few of the caller's inputs, run through the network once to check it."""
     spec: NetworkSpec = as_spec(ref, where)
-    opened = open_network(spec, where)
-    frozen = FrozenNetwork(opened.module, opened.normalize, input_norm, opened.task_names, spec.input, spec.features)
+    opened = open_spec(spec, False, where)
+    frozen = FrozenNetwork(opened.module, opened.normalize, input_norm, opened.task_names, spec.input, spec.feature_layer)
     frozen.card = opened.card
     frozen.spec = spec
     if example is not None:
@@ -142,3 +112,7 @@ def task_logits(output: Output, task: Task, head_names: Sequence[str]) -> torch.
     if task.classes is None:
         raise ConfigError(f"task {task.name!r} is a latent task but the teacher has a single classification head")
     return output[:, list(task.classes)]
+
+
+# kept importable from here: the kbricks run format moved to models.card / models.open
+__all__ = ["FrozenNetwork", "load_frozen", "check_frozen", "task_logits", "read_model_card", "build_from_card", "load_trained_model"]

@@ -21,6 +21,7 @@ concatenated into one classifier over the union of their classes without fine-tu
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack
 from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
@@ -33,10 +34,12 @@ from ...core.hooks import Hook
 from ...errors import ConfigError
 from ...models import create_model
 from ...models.factorized import FactorNetworks, TaskSpecificNetwork, combined_class_scores, task_output_size
-from ...models.foreign import NetworkSpec
 from ...models.frozen import task_logits
+from ...models.spec import NetworkSpec
+from ...models.taps import FeatureTap
+from .._teacher import TEACHER_HELP, load_teacher
 from ..base import METHODS, Batch, Method, MethodContext, MethodParams
-from ..kd import TEACHER_HELP, kd_loss, load_teacher
+from ..kd import kd_loss
 
 # ---- pure loss functions -------------------------------------------------------------------------------------
 
@@ -148,37 +151,6 @@ def imb_loss(
 # ---- modules -------------------------------------------------------------------------------------------------
 
 
-class LayerTap:
-    """Captures the outputs of named sub-modules on every forward pass, global-average-pooled to [B, C].
-
-    Works on any ``nn.Module``: layers are named as in ``module.named_modules()``."""
-
-    def __init__(self, module: nn.Module, names: Sequence[str], owner: str):
-        modules = dict(module.named_modules())
-        missing = [n for n in names if n not in modules]
-        if missing:
-            known = [n for n in modules if n][:12]
-            raise ConfigError(f"method.infomax_layers: {owner} has no layer {missing[0]!r}; its layers include {known}")
-        self.names = list(names)
-        self.outputs: Dict[str, torch.Tensor] = {}
-        for n in self.names:
-            modules[n].register_forward_hook(self._capture(n))
-
-    def _capture(self, name: str):
-        def hook(_module, _inputs, output):
-            out = output[0] if isinstance(output, (tuple, list)) else output
-            self.outputs[name] = out.flatten(2).mean(2) if out.dim() > 2 else out
-        return hook
-
-    def take(self) -> List[torch.Tensor]:
-        missing = [n for n in self.names if n not in self.outputs]
-        if missing:
-            raise ConfigError(f"method.infomax_layers: layer {missing[0]!r} did not run in the forward pass")
-        out = [self.outputs[n] for n in self.names]
-        self.outputs = {}
-        return out
-
-
 def projector(d_in: int, d_out: int) -> nn.Sequential:
     """The official InfoMax projector g_l, applied to teacher features only: Linear -> BN -> ReLU -> Linear."""
     return nn.Sequential(nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True), nn.Linear(d_out, d_out))
@@ -229,7 +201,7 @@ class KnowledgeFactorization(Method):
         self.num_classes = ctx.train.num_classes
         self.teacher = load_teacher(params.teacher, ctx)
         shape = dict(in_channels=ctx.train.in_channels, image_size=ctx.train.image_size)
-        ckn = create_model(ctx.cfg.model.name, num_classes=0, **shape, **ctx.cfg.model.kwargs)
+        ckn = create_model(ctx.cfg.model.name, num_classes=0, **shape, **ctx.cfg.model.layers(), **ctx.cfg.model.kwargs)
         if params.combine == "sum" and params.tsn_dim != ckn.feature_dim:
             raise ConfigError(f"method.combine=sum needs method.tsn_dim == CKN feature size ({ckn.feature_dim})")
         tsns = [
@@ -261,9 +233,9 @@ class KnowledgeFactorization(Method):
         BatchNorm statistics are untouched)."""
         layers = self.params.infomax_layers
         if layers:
-            self.teacher_tap = LayerTap(self.teacher.net, [t for t, _ in layers], "the teacher")
-            self.ckn_tap = LayerTap(self.factors.ckn, [c for _, c in layers], "the CKN")
-        # the teacher's features: its own features(x), else the input of its last nn.Linear (FrozenNetwork.features)
+            self.teacher_tap = FeatureTap(self.teacher.net, [t for t, _ in layers], "method.infomax_layers: the teacher", pool=True)
+            self.ckn_tap = FeatureTap(self.factors.ckn, [c for _, c in layers], "method.infomax_layers: the CKN", pool=True)
+        # the teacher's features: its own features(x), else the input of its head found by execution (FrozenNetwork.features)
         probe = torch.zeros(2, *ctx.train.input_shape)
         ckn = self.factors.ckn
         with torch.no_grad():
@@ -284,14 +256,24 @@ class KnowledgeFactorization(Method):
 
     def _infomax_features(self, x: torch.Tensor, z_c: Optional[torch.Tensor] = None, teacher_out=None):
         """(teacher features, CKN features) at the matched layers. With taps, the forward passes that already ran
-        (``z_c``, ``teacher_out``) filled them; otherwise the final features are used."""
+        (``z_c``, ``teacher_out``, under :meth:`_tapping`) filled them; otherwise the final features are used."""
         if self.teacher_tap is not None:
             if teacher_out is None:
-                self.teacher(x)
+                with self.teacher_tap.watching():
+                    self.teacher(x)
             if z_c is None:
-                self.factors.ckn.features(x)
+                with self.ckn_tap.watching():
+                    self.factors.ckn.features(x)
             return self.teacher_tap.take(), self.ckn_tap.take()
         return [self.teacher.features(x)], [self.factors.ckn.features(x) if z_c is None else z_c]
+
+    def _tapping(self) -> ExitStack:
+        """The matched-layer taps (if any) watching the forward passes run inside this context."""
+        stack = ExitStack()
+        if self.teacher_tap is not None and self.params.infomax_weight > 0:
+            stack.enter_context(self.teacher_tap.watching())
+            stack.enter_context(self.ckn_tap.watching())
+        return stack
 
     @property
     def assembly_temperature(self) -> float:
@@ -327,11 +309,12 @@ class KnowledgeFactorization(Method):
         x = batch.x
         n = x.shape[0]
         two_views = p.infomax_weight > 0 and p.infomax == "views"
-        z_all = self.factors.ckn.features(torch.cat([x, self.second_view(batch)]) if two_views else x)
+        with self._tapping():
+            z_all = self.factors.ckn.features(torch.cat([x, self.second_view(batch)]) if two_views else x)
+            teacher_out = self.teacher(x)
         z_c = z_all[:n]
         # batch bottleneck: deterministic codes (the official TSN); vib: z_t sampled by reparameterisation
         logits, mus, logvars, task_only = self.factors.tsn_outputs(x, z_c, sample=p.bottleneck == "vib")
-        teacher_out = self.teacher(x)
         infomax = None
         if two_views:
             infomax = info_nce(self.projector(z_c), self.projector(z_all[n:]), p.tau)

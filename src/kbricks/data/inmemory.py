@@ -13,6 +13,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..core.io import first_line
 from ..errors import DataError
 from ..registry import OBJECTS
 from .base import ArrayDataset, DataSplits, stratified_split
@@ -25,7 +26,7 @@ def as_tensor(value: Any, what: str) -> torch.Tensor:
     try:
         return torch.as_tensor(np.asarray(value))
     except Exception as exc:
-        raise DataError(f"{what}: cannot make a tensor of a {type(value).__name__} ({exc})") from None
+        raise DataError(f"{what}: cannot make a tensor of a {type(value).__name__} ({first_line(exc)})") from None
 
 
 def dataset_arrays(ds: Any, what: str) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 from ..errors import StorageError
 
@@ -65,12 +65,17 @@ class _FdWriter:
 
     def __init__(self, fd: int):
         self.fd = fd
+        self.error: Optional[OSError] = None  # torch's zip writer reports a failed write as "unexpected pos"
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         done = 0
-        while done < len(view):
-            done += os.write(self.fd, view[done:])
+        try:
+            while done < len(view):
+                done += os.write(self.fd, view[done:])
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
         return done
 
     def flush(self) -> None:
@@ -92,10 +97,15 @@ def atomic_write_bytes(path: Union[str, Path], write: Union[bytes, Callable], wh
         try:
             os.fchmod(fd, 0o666 & ~_umask())
             out = _FdWriter(fd)
-            if isinstance(write, (bytes, bytearray, memoryview)):
-                out.write(write)
-            else:
-                write(out)
+            try:
+                if isinstance(write, (bytes, bytearray, memoryview)):
+                    out.write(write)
+                else:
+                    write(out)
+            except Exception:
+                if out.error is not None:  # the writer's own error hid the OS's: report the OS's
+                    raise out.error from None
+                raise
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -158,7 +158,8 @@ def to_nchw(array, where: str, layout: str = "auto"):
 
     ``layout="auto"``: an array whose last axis has 1, 3 or 4 entries while its second does not is channels-last
     [N, H, W, C]: it is converted, with a warning saying so (never read as C=H images). When both axes could hold
-    the channels (e.g. [N, 3, 8, 3]) the layout is not guessed: a one-line :class:`DataError` asks for it.
+    the channels, square images under one reading only decide it ([N, 1, 4, 4] is NCHW); otherwise (e.g.
+    [N, 3, 8, 3], [N, 3, 3, 3]) the layout is not guessed: a one-line :class:`DataError` asks for it.
     ``"NCHW"`` / ``"NHWC"`` state it."""
     if layout not in ("auto", "NCHW", "NHWC"):
         raise DataError(f"{where}: layout must be auto, NCHW or NHWC, got {layout!r}")
@@ -167,6 +168,8 @@ def to_nchw(array, where: str, layout: str = "auto"):
     shape = tuple(int(s) for s in array.shape)
     if layout == "auto":
         last, second = shape[-1] in CHANNEL_COUNTS, shape[1] in CHANNEL_COUNTS
+        if last and second and shape[2] == shape[3] and shape[1] != shape[2]:
+            last = False  # [N, 1, 4, 4]: square 4x4 images as NCHW, 1x4 ones as NHWC; the square reading wins
         if last and second:
             raise DataError(f"{where}: images of shape {list(shape)} could be [N, C, H, W] or [N, H, W, C]; say which "
                             "(layout: NCHW or NHWC; in Python, pass x.permute(0, 3, 1, 2) for channels-last arrays)")

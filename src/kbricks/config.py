@@ -9,6 +9,7 @@ nothing about methods, models or datasets: the engine (``kbricks.engine.experime
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence
 
@@ -16,6 +17,24 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from .errors import ConfigError
+
+
+def normalization_problem(mean: Sequence[float], std: Sequence[float]) -> Optional[str]:
+    """What is wrong with input statistics ``(x - mean) / std`` (one value per channel or feature, or one for all), or
+    None. A NaN, infinite or non-positive std (or a non-finite mean) would turn every input into NaN or inf, and the
+    run would then blame the learning rate."""
+    mean, std = list(mean), list(std)
+    if not mean or not std:
+        return "normalize needs at least one mean and one std"
+    if len(mean) != len(std) and 1 not in (len(mean), len(std)):
+        return f"normalize: mean has {len(mean)} values but std has {len(std)}"
+    bad_std = [s for s in std if not (isinstance(s, (int, float)) and math.isfinite(s) and s > 0)]
+    if bad_std:
+        return f"normalize: std must be finite positive numbers, got {bad_std[0]!r} in {std}; give each channel's standard deviation"
+    bad_mean = [m for m in mean if not (isinstance(m, (int, float)) and math.isfinite(m))]
+    if bad_mean:
+        return f"normalize: mean must be finite numbers, got {bad_mean[0]!r} in {mean}; give each channel's mean"
+    return None
 
 
 class Strict(BaseModel):
@@ -249,10 +268,3 @@ def parse_config(data: Dict[str, Any], overrides: Sequence[str] = ()) -> RunConf
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
 
-
-def read_config(path, overrides: Sequence[str] = ()) -> RunConfig:
-    return parse_config(read_yaml(Path(path)), overrides)
-
-
-def save_config(cfg: RunConfig, path: Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -19,3 +19,11 @@ class CheckpointError(KbricksError):
 
 class TrainingDiverged(KbricksError):
     """The loss became NaN or infinite."""
+
+
+class StorageError(KbricksError, OSError):
+    """A file could not be written (full disk, directory not writable). Also an ``OSError``, so code that shrugs
+    off an unwritable cache keeps doing so."""
+
+    def __str__(self) -> str:  # the message alone, not OSError's "[Errno N] ..." form
+        return str(self.args[0]) if self.args else ""

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
 
@@ -12,38 +10,17 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from .io import atomic_write_bytes, first_line
+
+__all__ = ["atomic_write_bytes", "save_checkpoint", "load_checkpoint", "load_state_into", "remap_prefix", "save_safetensors",
+           "load_safetensors", "read_json", "fingerprint", "is_growable"]
 
 FORMAT = "kbricks-checkpoint-v1"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write via a temp file in the same directory, fsync, then rename: a crash never leaves a torn file.
-    The file gets the usual permissions (0666 minus the umask), like any other file the run writes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
     payload = {"format": FORMAT, **state}
-    atomic_write_bytes(Path(path), lambda f: torch.save(payload, f))
+    atomic_write_bytes(Path(path), lambda f: torch.save(payload, f), what="the checkpoint")
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
@@ -53,8 +30,7 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a kbricks checkpoint ({first})") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a kbricks checkpoint ({first_line(exc)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a kbricks checkpoint (no {FORMAT!r} marker)")
     return state
@@ -71,7 +47,14 @@ def load_state_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], w
         if k in state_dict and isinstance(own[k], torch.Tensor) and isinstance(state_dict[k], torch.Tensor)
         and tuple(state_dict[k].shape) != tuple(own[k].shape) and not is_growable(k)
     ]
-    if missing or unexpected or shapes:
+    # load_state_dict would cast silently (int32 weights into a float network train as garbage): refuse instead
+    dtypes = [
+        f"{k}: checkpoint {str(state_dict[k].dtype).replace('torch.', '')} vs model {str(own[k].dtype).replace('torch.', '')}"
+        for k in own
+        if k in state_dict and isinstance(own[k], torch.Tensor) and isinstance(state_dict[k], torch.Tensor)
+        and state_dict[k].dtype != own[k].dtype
+    ]
+    if missing or unexpected or shapes or dtypes:
         parts: List[str] = []
         if missing:
             parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -79,12 +62,14 @@ def load_state_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], w
             parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
         if shapes:
             parts.append("shape mismatch " + "; ".join(shapes[:3]))
+        if dtypes:
+            parts.append(f"dtype mismatch in {len(dtypes)} tensor(s) " + "; ".join(dtypes[:3]) + (" ..." if len(dtypes) > 3 else "")
+                         + " (weights are never cast: convert the file to the network's dtypes, e.g. with .float(), and save it again)")
         raise CheckpointError(f"checkpoint does not match the {what}: " + ", ".join(parts))
     try:
         module.load_state_dict(state_dict)
     except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint does not match the {what}: {first}") from None
+        raise CheckpointError(f"checkpoint does not match the {what}: {first_line(exc)}") from None
 
 
 def is_growable(key: str) -> bool:
@@ -101,7 +86,7 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: 
     from safetensors.torch import save
 
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
-    atomic_write_bytes(Path(path), lambda f: f.write(data))
+    atomic_write_bytes(Path(path), data, what="the weights")
 
 
 def load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
@@ -113,7 +98,7 @@ def load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
     try:
         return load(path.read_bytes())
     except Exception as exc:
-        raise CheckpointError(f"weights file {str(path)!r} is corrupt or not safetensors ({exc})") from None
+        raise CheckpointError(f"weights file {str(path)!r} is corrupt or not safetensors ({first_line(exc)})") from None
 
 
 def read_json(path: Path, missing: str) -> Any:
@@ -126,7 +111,7 @@ def read_json(path: Path, missing: str) -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not a JSON document ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+        raise CheckpointError(f"{path} is not a JSON document ({first_line(exc, 120, with_type=True)})") from None
 
 
 def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:

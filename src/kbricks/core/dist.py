@@ -6,12 +6,13 @@ Backend follows the device (nccl on CUDA, gloo on CPU). Only rank 0 writes files
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from typing import Any, List
 
 import torch
 import torch.distributed as td
 from torch import nn
+
+from .io import first_line
 
 
 def is_launched() -> bool:
@@ -48,11 +49,8 @@ def init_from_env(device: torch.device, timeout_s: float = 1800.0) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    if line.startswith("[") and "] " in line:  # drop the C++ source location, e.g. [.../gloo/pair.cc:537]
-        line = line.split("] ", 1)[1]
-    return line.split(". ", 1)[0].rstrip(".")[:200]
+    """The first sentence of a torch.distributed error (their messages run on with advice for torch developers)."""
+    return first_line(exc, 200).split(". ", 1)[0].rstrip(".")
 
 
 _PEER_FAILURE = ("connection reset", "connection closed", "connection refused", "broken pipe", "timed out", "gloo", "nccl")
@@ -124,16 +122,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     td.broadcast_object_list(box, src=src)
     return box[0]
-
-
-@contextmanager
-def main_process_first():
-    """Rank 0 runs the block first (e.g. to build a cache), the others wait, then run it too."""
-    if not is_main_process():
-        barrier()
-    yield
-    if is_main_process():
-        barrier()
 
 
 def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bool = False, sync_batchnorm: bool = False) -> nn.Module:
@@ -232,6 +220,3 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             running_mean, running_var = self.running_mean, self.running_var
         return _SyncBatchNormFunction.apply(x, self.weight, self.bias, running_mean, running_var, self.eps, momentum, td.group.WORLD)
 
-
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional, Set
 
 from ..errors import ConfigError
+from .io import atomic_write_text, writable_dir
 
 try:  # POSIX advisory locks; elsewhere runs are simply not locked
     import fcntl
@@ -123,6 +124,8 @@ class RunDirectory:
                 raise ConfigError(f"cannot resume {str(path)!r}: it holds results but no checkpoint (ckpt/last.pt is missing); "
                                   "pass --overwrite to start it again, or choose another --run-dir")
             self.preexisting = None  # an existing run: a failure from here on must not delete anything
+            if self.ckpt_dir.exists():  # fail now, not after an epoch whose checkpoint cannot be saved
+                writable_dir(self.ckpt_dir, "checkpoint directory")
             return
         if not any((path / f).exists() for f in RUN_MARKERS):
             raise ConfigError(f"refusing to --overwrite {str(path)!r}: it does not look like a kbricks run directory "
@@ -157,14 +160,10 @@ class RunDirectory:
 
     # ---- files ---------------------------------------------------------------------------------------------
     def write_json(self, name: str, obj: Any) -> None:
-        from .checkpoint import atomic_write_bytes
-
-        atomic_write_bytes(self.path / name, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+        atomic_write_text(self.path / name, json.dumps(obj, indent=2), what=name)
 
     def write_text(self, name: str, text: str) -> None:
-        from .checkpoint import atomic_write_bytes
-
-        atomic_write_bytes(self.path / name, lambda f: f.write(text.encode()))
+        atomic_write_text(self.path / name, text, what=name)
 
     def has_checkpoint(self) -> bool:
         return (self.ckpt_dir / "last.pt").exists()

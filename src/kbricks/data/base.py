@@ -7,6 +7,7 @@ index slices, so there is no DataLoader worker overhead on small CPUs and no hid
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -148,12 +149,61 @@ def input_shape_of(in_channels: int, image_size: Union[int, Sequence[int], None]
     return (int(in_channels), int(h), int(w))
 
 
+CHANNEL_COUNTS = (1, 3, 4)  # grey, RGB, RGBA: what a channel axis of an image array holds
+
+
+def to_nchw(array, where: str, layout: str = "auto"):
+    """Images as [N, C, H, W], whatever layout they came in; returns ``(array, converted)``. Works on numpy arrays
+    and torch tensors; arrays that are not 4-D come back unchanged.
+
+    ``layout="auto"``: an array whose last axis has 1, 3 or 4 entries while its second does not is channels-last
+    [N, H, W, C]: it is converted, with a warning saying so (never read as C=H images). When both axes could hold
+    the channels, square images under one reading only decide it ([N, 1, 4, 4] is NCHW); otherwise (e.g.
+    [N, 3, 8, 3], [N, 3, 3, 3]) the layout is not guessed: a one-line :class:`DataError` asks for it.
+    ``"NCHW"`` / ``"NHWC"`` state it."""
+    if layout not in ("auto", "NCHW", "NHWC"):
+        raise DataError(f"{where}: layout must be auto, NCHW or NHWC, got {layout!r}")
+    if getattr(array, "ndim", None) != 4:
+        return array, False
+    shape = tuple(int(s) for s in array.shape)
+    if layout == "auto":
+        last, second = shape[-1] in CHANNEL_COUNTS, shape[1] in CHANNEL_COUNTS
+        if last and second and shape[2] == shape[3] and shape[1] != shape[2]:
+            last = False  # [N, 1, 4, 4]: square 4x4 images as NCHW, 1x4 ones as NHWC; the square reading wins
+        if last and second:
+            raise DataError(f"{where}: images of shape {list(shape)} could be [N, C, H, W] or [N, H, W, C]; say which "
+                            "(layout: NCHW or NHWC; in Python, pass x.permute(0, 3, 1, 2) for channels-last arrays)")
+        if not last:
+            return array, False
+        warnings.warn(f"{where}: images of shape {list(shape)} are channels-last [N, H, W, C]; converted to "
+                      f"[N, C, H, W] = {[shape[0], shape[3], shape[1], shape[2]]}", UserWarning, stacklevel=2)
+    elif layout == "NCHW":
+        return array, False
+    if isinstance(array, torch.Tensor):
+        return array.permute(0, 3, 1, 2).contiguous(), True
+    return np.ascontiguousarray(np.asarray(array).transpose(0, 3, 1, 2)), True
+
+
+def _non_finite(a: np.ndarray, what: str) -> None:
+    """NaN or inf among float values: named as such (a min/max over them would suggest a nonsensical scale)."""
+    if a.dtype.kind not in "fc" or not a.size:
+        return
+    finite = np.isfinite(a)
+    if finite.all():
+        return
+    bad = np.flatnonzero(~finite.reshape(len(a), -1).all(1)) if a.ndim > 1 else np.flatnonzero(~finite)
+    kinds = " and ".join(k for k, hit in (("NaN", np.isnan(a).any()), ("infinite", np.isinf(a).any())) if hit)
+    raise DataError(f"{what}: the array holds {kinds} values ({int((~finite).sum())} of {a.size}, in {len(bad)} sample(s), "
+                    f"first at index {int(bad[0])}); remove or repair those samples (kbricks never fills them in)")
+
+
 def scaled(a: np.ndarray, scale: Optional[float], what: str) -> np.ndarray:
     """float32 values: uint8 divided by 255, anything divided by ``scale`` when given; otherwise values must already
     lie in [0, 1], and anything else is an error that names the range found (never a silent guess)."""
+    _non_finite(a, what)
     if scale is not None:
-        if not scale > 0:
-            raise DataError(f"{what}: scale must be a positive number (values are divided by it), got {scale}")
+        if not scale > 0 or not np.isfinite(scale):
+            raise DataError(f"{what}: scale must be a finite positive number (values are divided by it), got {scale}")
         return a.astype(np.float32) / np.float32(scale)
     if a.dtype == np.uint8:
         return a.astype(np.float32) / 255.0
@@ -172,9 +222,9 @@ def to_float_images(arr: np.ndarray, layout: str = "NCHW", scale: Optional[float
     a = np.asarray(arr)
     if a.ndim == 3:
         a = a[:, None]
-    elif a.ndim == 4 and layout == "NHWC":
-        a = a.transpose(0, 3, 1, 2)
-    elif a.ndim != 4:
+    elif a.ndim == 4:
+        a, _ = to_nchw(a, what, layout)
+    else:
         raise DataError(f"{what}: expected images with 3 or 4 dims, got shape {a.shape}")
     return scaled(a, scale, what)
 

@@ -15,11 +15,12 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import numpy as np
+
+from ..core.io import atomic_write_bytes
 
 CACHE_FORMAT = "kbricks-data-cache-v1"
 
@@ -44,22 +45,12 @@ def package_version(dist: str) -> str:
         return "unknown"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _read(root: Path, key: str, version: str) -> Optional[Dict[str, np.ndarray]]:
     meta_path, data_path = root / f"{key}.json", root / f"{key}.npz"
     try:
         meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict):  # a JSON list or number: a corrupt entry, rebuilt like any other
+            return None
         if meta.get("format") != CACHE_FORMAT or meta.get("version") != version:
             return None
         data = data_path.read_bytes()
@@ -67,7 +58,7 @@ def _read(root: Path, key: str, version: str) -> Optional[Dict[str, np.ndarray]]
             return None
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError):
         return None
 
 
@@ -77,11 +68,11 @@ def _write(root: Path, key: str, version: str, arrays: Dict[str, np.ndarray]) ->
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         data = buf.getvalue()
-        _atomic_write(root / f"{key}.npz", data)
+        atomic_write_bytes(root / f"{key}.npz", data, what="a dataset cache entry")
         meta = {"format": CACHE_FORMAT, "key": key, "version": version, "sha256": hashlib.sha256(data).hexdigest(),
                 "arrays": {k: [str(v.dtype), list(v.shape)] for k, v in arrays.items()}}
-        _atomic_write(root / f"{key}.json", json.dumps(meta, indent=1).encode())
-    except OSError:
+        atomic_write_bytes(root / f"{key}.json", json.dumps(meta, indent=1).encode(), what="a dataset cache record")
+    except OSError:  # StorageError included
         pass  # read-only home, full disk: the data was parsed anyway
 
 

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from ..core.io import first_line
 from ..errors import DataError
 from .base import ArrayDataset, DataSplits, splits_from_arrays, to_float_images, to_float_inputs
 from .registry import DATASETS
@@ -51,7 +52,7 @@ def safe_unpickle(path: Path) -> Any:
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"{path} is not a readable pickle batch: {exc}") from exc
+        raise DataError(f"{path} is not a readable pickle batch: {first_line(exc)}") from None
 
 
 def _key(d: Dict[Any, Any], *names: str) -> Any:
@@ -81,7 +82,7 @@ def _read_cifar_batches(files: List[Path], label_key: str, num_classes: int) -> 
             data = np.asarray(_key(batch, "data"), dtype=np.uint8)
             raw = np.asarray(_key(batch, label_key))
         except (TypeError, ValueError) as exc:
-            raise DataError(f"{f}: 'data' or {label_key!r} is not an array of numbers ({exc})") from None
+            raise DataError(f"{f}: 'data' or {label_key!r} is not an array of numbers ({first_line(exc)})") from None
         if data.ndim != 2 or data.shape[1] != 3072:
             raise DataError(f"{f}: 'data' must be N x 3072 uint8, got {data.shape}")
         if raw.ndim != 1 or len(raw) != len(data):
@@ -172,7 +173,7 @@ def _read_image_tree(root: Path, image_size: Optional[int], grayscale: bool, cla
                         im = im.resize((image_size, image_size), Image.BILINEAR)
                     arr = np.asarray(im, dtype=np.uint8)
             except Exception as exc:
-                raise DataError(f"imagefolder: cannot decode {f}: {exc}") from exc
+                raise DataError(f"imagefolder: cannot decode {f}: {first_line(exc)}") from None
             if images and arr.shape != images[0].shape:
                 raise DataError(
                     f"imagefolder: {f} has shape {arr.shape} but earlier images have {images[0].shape}; "
@@ -210,10 +211,6 @@ def imagefolder(
     return splits_from_arrays("imagefolder", x, y, classes, test_fraction, split_seed, root=str(base))
 
 
-def _guess_layout(a: np.ndarray) -> str:
-    return "NHWC" if a.ndim == 4 and a.shape[-1] in (1, 3) and a.shape[1] not in (1, 3) else "NCHW"
-
-
 NPZ_KEYS = (("x_train", "y_train", "x_test", "y_test"), ("X_train", "y_train", "X_test", "y_test"), ("x", "y"), ("X", "y"))
 
 
@@ -224,8 +221,9 @@ def npz(root: Optional[str] = None, test_fraction: float = 0.2, split_seed: int 
 
     Inputs are images ([N, H, W], [N, C, H, W] or [N, H, W, C]) or feature vectors [N, D]. uint8 values are divided
     by 255; other values must lie in [0, 1] unless ``scale`` is given (they are divided by it; ``scale: 1`` keeps
-    them as they are). ``layout`` is ``auto`` (channels-last when the last axis has 1 or 3 entries and the second
-    does not), ``NCHW`` or ``NHWC``."""
+    them as they are); NaN or infinite values are refused. ``layout`` is ``auto`` (channels-last when the last axis has
+    1, 3 or 4 entries and the second does not, converted with a warning; a shape where both could be the channels is
+    refused), ``NCHW`` or ``NHWC`` (see :func:`kbricks.data.base.to_nchw`)."""
     if layout not in ("auto", "NCHW", "NHWC"):
         raise DataError(f"npz: layout must be auto, NCHW or NHWC, got {layout!r}")
     path = _existing_dir(root, "npz")
@@ -233,14 +231,14 @@ def npz(root: Optional[str] = None, test_fraction: float = 0.2, split_seed: int 
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except Exception as exc:
-        raise DataError(f"npz: cannot read {path} without pickle: {exc}") from exc
+        raise DataError(f"npz: cannot read {path} without pickle: {first_line(exc)}") from None
 
     def classes_for(*ys: np.ndarray) -> List[str]:
         return [str(i) for i in range(int(max(int(y.max()) for y in ys)) + 1)]
 
     def inputs(key: str) -> np.ndarray:
         a = arrays[key]
-        return to_float_inputs(a, _guess_layout(a) if layout == "auto" else layout, scale, f"npz {path.name}: {key}")
+        return to_float_inputs(a, layout, scale, f"npz {path.name}: {key}")
 
     def labels(key: str) -> np.ndarray:
         y = arrays[key]

@@ -2,8 +2,9 @@
 ``DataSplits``, turned into the engine's ``DataSplits`` and named in a run config as
 ``data: {name: in_memory, kwargs: {ref: memory:data-1}}``.
 
-Values are taken as they are: nothing is rescaled. Inputs must be images [N, C, H, W] or feature vectors [N, D];
-labels integer class ids 0..K-1.
+Values are taken as they are: nothing is rescaled. Inputs must be images [N, C, H, W] or feature vectors [N, D]
+(channels-last [N, H, W, C] images are converted, with a warning: :func:`kbricks.data.base.to_nchw`); labels integer
+class ids 0..K-1.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..core.io import first_line
 from ..errors import DataError
 from ..registry import OBJECTS
-from .base import ArrayDataset, DataSplits, stratified_split
+from .base import ArrayDataset, DataSplits, stratified_split, to_nchw
 from .registry import DATASETS
 
 
@@ -25,7 +27,7 @@ def as_tensor(value: Any, what: str) -> torch.Tensor:
     try:
         return torch.as_tensor(np.asarray(value))
     except Exception as exc:
-        raise DataError(f"{what}: cannot make a tensor of a {type(value).__name__} ({exc})") from None
+        raise DataError(f"{what}: cannot make a tensor of a {type(value).__name__} ({first_line(exc)})") from None
 
 
 def dataset_arrays(ds: Any, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +82,7 @@ def as_arrays(data: Any, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
         raise DataError(f"{what}: expected (x, y) tensors or arrays, or a torch Dataset; got {type(data).__name__}")
     if len(x) != len(y):
         raise DataError(f"{what}: {len(x)} inputs but {len(y)} labels")
+    x, _ = to_nchw(x, f"{what} inputs")  # the npz loader's rule: [N, 28, 28, 1] is never read as 28-channel images
     if not (x.is_floating_point() or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)):
         raise DataError(f"{what}: inputs must be numbers, got {x.dtype}")
     if x.is_floating_point() and not torch.isfinite(x).all():

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..config import normalization_problem
 from ..core.checkpoint import fingerprint, load_safetensors, load_state_into
 from ..errors import CheckpointError
 from .frozen import build_from_card, read_model_card
@@ -32,6 +33,9 @@ class InputNormalization(nn.Module):
         super().__init__()
         if len(mean) != len(std) or not len(mean):
             raise CheckpointError(f"input normalisation needs as many means as stds (got {len(mean)} and {len(std)})")
+        problem = normalization_problem(mean, std)
+        if problem:  # a hand-edited card: NaN/inf/0 statistics would make every output NaN
+            raise CheckpointError(f"the network's input normalisation is unusable: {problem}")
         self.register_buffer("mean", torch.tensor([float(m) for m in mean]), persistent=False)
         self.register_buffer("std", torch.tensor([float(s) for s in std]), persistent=False)
 

@@ -10,8 +10,9 @@ from kbricks.continual.metrics import cl_metrics
 from kbricks.core.hooks import read_jsonl
 from kbricks.data import load_dataset
 from kbricks.data.scenarios import build_scenario, rotate
-from kbricks.engine.continual import ContinualTrainer, run_continual
+from kbricks.engine.continual import ContinualTrainer
 from kbricks.engine.experiment import build_experiment
+from kbricks.engine.run import run_continual
 from kbricks.errors import CheckpointError, ConfigError
 from kbricks.models.masked import (
     Combination,

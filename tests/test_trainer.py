@@ -7,7 +7,7 @@ from kbricks.core.checkpoint import load_checkpoint, load_safetensors
 from kbricks.core.hooks import Hook, read_jsonl
 from kbricks.core.plots import wait_for_plots
 from kbricks.engine.experiment import build_experiment
-from kbricks.engine.trainer import run_training
+from kbricks.engine.run import run_training
 from kbricks.errors import ConfigError, TrainingDiverged
 from kbricks.models import create_model
 

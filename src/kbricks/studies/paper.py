@@ -35,7 +35,7 @@ from ..core import dist
 from ..core.hooks import Hook
 from ..core.stats import mean_std
 from ..engine.experiment import load_config
-from ..engine.trainer import run_training
+from ..engine.run import run_training
 from ..errors import ConfigError, DataError
 from .common import configs_root, read_study, write_study
 
@@ -286,9 +286,9 @@ class RanksInSync(Hook):
     """Under DDP, at the end of a run: do all ranks hold the same trained state? (BatchNorm running statistics are
     left out: without SyncBatchNorm each rank keeps its own.) Recorded as ``ranks_in_sync`` in the summary."""
 
-    def on_fit_end(self, trainer, summary) -> None:
+    def on_fit_end(self, state, summary) -> None:
         if dist.world_size() > 1:
-            summary["ranks_in_sync"] = len(set(dist.all_gather_object(state_digest(trainer.exp.method)))) == 1
+            summary["ranks_in_sync"] = len(set(dist.all_gather_object(state_digest(state.method)))) == 1
 
 
 def state_digest(module: torch.nn.Module) -> str:

@@ -307,11 +307,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .core.seeding import set_threads
 
         set_threads(None)  # every command, evaluation included: KBRICKS_THREADS, else 1 (see core.seeding)
-        imports = [*args.imports, *getattr(args, "imports_after", [])]
-        if imports:
-            from .registry import import_user_modules
+        from .registry import forget_imported_modules, import_user_modules
 
-            import_user_modules(imports)
+        forget_imported_modules()  # a run's model card records this command's --import modules, not an earlier call's
+        import_user_modules([*args.imports, *getattr(args, "imports_after", [])])
         return args.func(args)
     except KbricksError as exc:
         print(f"kbricks: error: {exc}", file=sys.stderr)

@@ -111,8 +111,14 @@ def import_user_modules(modules: Iterable[str]) -> None:
 
 
 def imported_modules() -> List[str]:
-    """The modules :func:`import_user_modules` has imported in this process."""
+    """The modules :func:`import_user_modules` has imported (since :func:`forget_imported_modules`)."""
     return list(_IMPORTED)
+
+
+def forget_imported_modules() -> None:
+    """Start a new record: each ``kbricks`` command records only its own ``--import`` modules (the modules stay
+    imported)."""
+    _IMPORTED.clear()
 
 
 class NetworkFiles:

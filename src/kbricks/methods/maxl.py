@@ -148,10 +148,10 @@ class MetaPass(Hook):
     def __init__(self, method: MAXL):
         self.method = method
 
-    def on_epoch_start(self, state, epoch: int) -> None:
+    def on_epoch_start(self, trainer, epoch: int) -> None:
         if epoch == 0:
             return
-        m, loop, exp = self.method, state.loop, state.exp
+        m, loop, exp = self.method, trainer.loop, trainer.exp
         data, bs = exp.data.train, loop.batch_size
         sched = loop.scheduler
         lr = loop.lr  # f's current learning rate

@@ -286,9 +286,9 @@ class RanksInSync(Hook):
     """Under DDP, at the end of a run: do all ranks hold the same trained state? (BatchNorm running statistics are
     left out: without SyncBatchNorm each rank keeps its own.) Recorded as ``ranks_in_sync`` in the summary."""
 
-    def on_fit_end(self, state, summary) -> None:
+    def on_fit_end(self, trainer, summary) -> None:
         if dist.world_size() > 1:
-            summary["ranks_in_sync"] = len(set(dist.all_gather_object(state_digest(state.method)))) == 1
+            summary["ranks_in_sync"] = len(set(dist.all_gather_object(state_digest(trainer.exp.method)))) == 1
 
 
 def state_digest(module: torch.nn.Module) -> str:

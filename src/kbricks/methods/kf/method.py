@@ -376,10 +376,10 @@ class ExportBricks(Hook):
     def __init__(self, method: KnowledgeFactorization):
         self.method = method
 
-    def on_fit_end(self, state, summary) -> None:
+    def on_fit_end(self, trainer, summary) -> None:
         from .bricks import export_bricks
 
-        m, run_dir, card = self.method, state.run_dir, state.card
+        m, run_dir, card = self.method, trainer.run_dir, trainer.card
         p, cfg = m.params, m.cfg
         ckn_arch = {"name": cfg.model.name, "kwargs": cfg.model.kwargs, **m.shape, "feature_dim": m.factors.ckn.feature_dim}
         tsn_arch = {"name": p.tsn.name, "kwargs": p.tsn.kwargs, "dim": p.tsn_dim, "combine": p.combine}

@@ -23,7 +23,8 @@ from common import report, time_interleaved
 
 from kbricks import load_config
 from kbricks.engine.experiment import build_experiment
-from kbricks.engine.trainer import make_optimizer, run_training
+from kbricks.engine.run import run_training
+from kbricks.engine.trainer import make_optimizer
 from kbricks.methods import Batch
 from kbricks.studies import configs_root
 

@@ -21,7 +21,8 @@ from kbricks import load_config
 from kbricks.core.plots import wait_for_plots
 from kbricks.core.seeding import derive_seed, generator
 from kbricks.engine.experiment import build_experiment
-from kbricks.engine.trainer import make_optimizer, make_scheduler, run_training
+from kbricks.engine.run import run_training
+from kbricks.engine.trainer import make_optimizer, make_scheduler
 from kbricks.methods import Batch
 from kbricks.studies import configs_root
 

@@ -13,7 +13,7 @@ import torch
 from kbricks import build_config
 from kbricks.core import dist
 from kbricks.core.hooks import Hook
-from kbricks.engine.trainer import run_training
+from kbricks.engine.run import run_training
 
 out_dir, batch_size = sys.argv[1], int(sys.argv[2])
 model = sys.argv[3] if len(sys.argv) > 3 else "mlp"

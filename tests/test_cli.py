@@ -104,3 +104,19 @@ def test_continual_run_through_the_train_command(tmp_path, capsys):
         assert (run / f).exists(), f
     assert main(["train", str(write_cfg(tmp_path, cfg)), "--run-dir", str(run)]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_options_prints_a_methods_options_with_types_defaults_and_descriptions(capsys):
+    assert main(["options", "kd"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "method kd (kbricks.methods.kd.KnowledgeDistillation; distillation)"
+    assert "  method.teacher: NetworkSpec (required)" in lines
+    assert "  method.temperature: float (default 4.0, > 0)" in lines
+    i = lines.index("  method.alpha: float (default 0.9, >= 0, <= 1)")
+    assert lines[i + 1] == "      weight of the KD term; 1 - alpha weighs the CE term"
+    assert main(["options", "impresslearn"]) == 0
+    out = capsys.readouterr().out
+    assert "  method.source: one of 'heterogeneous', 'homogeneous', 'random', 'stored' (default \"heterogeneous\")" in out
+    assert "  method.slots: list[int] | None (default null)" in out
+    assert main(["options", "no_such_method"]) == 2
+    assert "unknown method 'no_such_method'" in capsys.readouterr().err

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -7,11 +8,13 @@ from torch import nn
 from kbricks import build_config
 from kbricks.continual.inference import infer_task
 from kbricks.continual.metrics import cl_metrics
-from kbricks.core.hooks import read_jsonl
+from kbricks.core.hooks import Hook, RunState, read_jsonl
 from kbricks.data import load_dataset
 from kbricks.data.scenarios import build_scenario, rotate
-from kbricks.engine.continual import ContinualTrainer, run_continual
+from kbricks.engine.card import CARD_KEYS
+from kbricks.engine.continual import ContinualTrainer
 from kbricks.engine.experiment import build_experiment
+from kbricks.engine.run import run_continual
 from kbricks.errors import CheckpointError, ConfigError
 from kbricks.models.masked import (
     Combination,
@@ -170,7 +173,6 @@ def tiny(method="supsup", tasks=3, **over):
 
 @pytest.mark.parametrize("method", ["supsup", "impresslearn"])
 def test_no_forgetting_bit_for_bit_and_frozen_backbone(method, tmp_path):
-    from kbricks.core.hooks import Hook
 
     cfg = tiny(method, **({"method.impressions": 2} if method == "impresslearn" else {}))
     exp = build_experiment(cfg)
@@ -181,7 +183,10 @@ def test_no_forgetting_bit_for_bit_and_frozen_backbone(method, tmp_path):
     final_from = getattr(strategy, "seed_count", 1)  # ImpressLearn's seed tasks get their alpha when the seed phase ends
 
     class Check(Hook):
-        def on_task_end(self, trainer, task, metrics):
+        def on_task_end(self, state, task, metrics):
+            # the same RunState as plain runs': the task just learned, its last stage's loop, the rows so far
+            assert isinstance(state, RunState) and state.continual and state.method is strategy
+            assert state.task == task - 1 and state.num_tasks == 3 and state.metrics[-1] is metrics and state.loop is not None
             strategy.eval()
             for j in range(task):
                 x = exp.transform(exp.scenario[j].test.x, train=False)
@@ -214,6 +219,11 @@ def test_run_metrics_params_and_task_inference(tmp_path):
     assert r["task_inference/one_shot/16img"] >= 0.8 and r["task_inference/binary/16img"] >= 0.8  # chance: 1/3
     for f in ("accuracy_matrix.csv", "metrics.jsonl", "summary.csv", "results.json", "ckpt/last.pt", "config.yaml", "env.json", "model.json", "model.safetensors"):
         assert (tmp_path / "s" / f).exists(), f
+    # one card schema for plain and continual runs (tests/test_trainer.py checks a plain run's against the same keys)
+    card = json.loads((tmp_path / "s" / "model.json").read_text())
+    assert tuple(card) == CARD_KEYS and card["network"] == "supermask" and card["scenario"]["name"] == "permuted"
+    assert card["num_classes"] == 10 and card["classes"] is None and [t["num_classes"] for t in card["tasks"]] == [10, 10, 10]
+    assert card["metrics"]["forgetting"] == 0.0 and "accuracy_matrix" not in card["metrics"]
     rows = read_jsonl(tmp_path / "s" / "metrics.jsonl")
     assert [r["task"] for r in rows if "acc_current" in r] == [1, 2, 3]
     assert sum(1 for r in rows if r.get("stage") == "mask") == 3 * 6  # one row per epoch per task, as in `train`

@@ -88,7 +88,7 @@ def test_every_task_bn_slot_is_updated_by_its_own_training_and_nothing_else(meth
 def test_shared_batchnorm_statistics_forget(tmp_path):
     """The failure mode of SupSup issue #11: with one set of BN statistics for every task, learning later tasks
     changes the earlier ones (per-task statistics keep them exactly: the test above)."""
-    from kbricks.engine.continual import run_continual
+    from kbricks.engine.run import run_continual
 
     shared = run_continual(split_conv(**{"method.batchnorm": "shared"}), tmp_path / "shared")
     assert shared["forgetting"] > 0.02 and shared["bn_bytes_per_task"] == 0

@@ -15,7 +15,7 @@ from kbricks.core.checkpoint import load_checkpoint, load_safetensors, save_safe
 from kbricks.data import normalize
 from kbricks.engine.experiment import build_experiment, load_data
 from kbricks.engine.export import max_abs_difference, read_export_metadata
-from kbricks.engine.trainer import run_training
+from kbricks.engine.run import run_training
 from kbricks.errors import CheckpointError, KbricksError
 from kbricks.models.deploy import InputNormalization
 from kbricks.models.frozen import load_frozen

@@ -2,11 +2,17 @@
 loaded by `--import`, then used from a config."""
 
 import json
+import os
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import yaml
 
 from kbricks.cli import main
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 MODEL = '''
 from torch import nn
@@ -88,3 +94,54 @@ def test_one_file_each_for_a_model_a_dataset_and_a_method(tmp_path, monkeypatch,
     assert main([*imports, "list", "--pattern", "ext_*"]) == 0
     out = capsys.readouterr().out
     assert "ext_two_layer" in out and "ext_stripes" in out and "ext_smooth" in out
+
+
+def test_a_plugin_run_records_its_modules_and_is_evaluated_and_exported_in_a_fresh_process(tmp_path, monkeypatch, capsys):
+    """`--import` after the command; model.json records the plugin modules; `kbricks evaluate` and `kbricks export`
+    in another process (which has not imported them) import them again from the card."""
+    (tmp_path / "ext_model.py").write_text(textwrap.dedent(MODEL))
+    (tmp_path / "ext_method.py").write_text(textwrap.dedent(METHOD))
+    cfg = {"name": "ext", "data": {"name": "digits", "train_subset": 128},
+           "model": {"name": "ext_two_layer", "kwargs": {"hidden": 16}}, "method": {"name": "ext_smooth"},
+           "train": {"epochs": 1, "batch_size": 32, "progress": "off", "plots": False}}
+    (tmp_path / "ext.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "ext.yaml", "--run-dir", "run", "--import", "ext_model", "--import", "ext_method"]) == 0
+    acc = json.loads(capsys.readouterr().out)["final"]["test/acc"]
+    card = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert card["imports"] == ["ext_model", "ext_method"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    ev = subprocess.run([sys.executable, "-m", "kbricks", "evaluate", "run"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["test/acc"] == acc
+    ex = subprocess.run([sys.executable, "-m", "kbricks", "export", "run", "--out", "net.pt"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert ex.returncode == 0, ex.stderr
+    assert json.loads(ex.stdout)["max_abs_diff"] <= 1e-5
+    # without the module where it was, evaluate names the recorded module and the fix
+    (tmp_path / "ext_method.py").rename(tmp_path / "gone.py")
+    bad = subprocess.run([sys.executable, "-m", "kbricks", "evaluate", "run"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert bad.returncode == 2 and "plugin module 'ext_method'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+BROKEN = '''
+from kbricks.methods import METHODS, Method
+
+@METHODS.register("ext_broken")
+class Broken(Method):
+    def __init__(self, params, ctx):
+        super().__init__()
+        self.table = {}["missing_key"]
+'''
+
+
+def test_an_error_in_a_method_constructor_names_the_method(tmp_path, monkeypatch, capsys):
+    (tmp_path / "ext_broken.py").write_text(textwrap.dedent(BROKEN))
+    cfg = {"data": {"name": "digits", "train_subset": 64}, "model": {"name": "mlp"}, "method": {"name": "ext_broken"},
+           "train": {"epochs": 1, "progress": "off"}}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "b.yaml", "--import", "ext_broken", "--run-dir", "r"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("kbricks: error: method 'ext_broken' (ext_broken.Broken) failed in its constructor: KeyError: "
+                           "'missing_key'")
+    assert not (tmp_path / "r").exists()  # a failed start leaves no run behind

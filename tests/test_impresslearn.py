@@ -7,8 +7,9 @@ import torch
 from kbricks import build_config
 from kbricks.continual.inference import infer_task, refit_coefficients
 from kbricks.core.rundir import RunDirectory
-from kbricks.engine.continual import ContinualTrainer, run_continual
+from kbricks.engine.continual import ContinualTrainer
 from kbricks.engine.experiment import build_experiment
+from kbricks.engine.run import run_continual
 from kbricks.errors import ConfigError
 from kbricks.models.masked import CachedWeights, Combination
 

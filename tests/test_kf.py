@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from kbricks import build_config
 from kbricks.core.checkpoint import load_safetensors, save_safetensors
 from kbricks.engine.experiment import build_experiment
-from kbricks.engine.trainer import run_training
+from kbricks.engine.run import run_training
 from kbricks.errors import CheckpointError
 from kbricks.methods.kd import kd_loss
 from kbricks.methods.kf import batch_gaussian_kl, gaussian_kl, imb_loss, info_nce, infomax_bound, merge_other

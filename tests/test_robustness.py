@@ -26,7 +26,7 @@ from kbricks.cli import main
 from kbricks.core.checkpoint import load_checkpoint, load_safetensors, save_safetensors
 from kbricks.core.hooks import Hook, read_jsonl
 from kbricks.data import DATASETS, ArrayDataset, DataSplits
-from kbricks.engine.trainer import run_training
+from kbricks.engine.run import run_training
 from kbricks.errors import CheckpointError, DataError, TrainingDiverged
 
 WORKER = os.path.join(REPO, "tests", "robust_worker.py")
@@ -716,7 +716,7 @@ def test_validate_splits_is_usable_on_its_own():
 def test_a_checkpoint_from_before_a_new_setting_still_resumes_but_a_changed_setting_does_not():
     """A setting added to the schema after a checkpoint was written reads as its default, not as a change."""
     from kbricks.config import parse_config
-    from kbricks.engine.trainer import check_resumable
+    from kbricks.engine.run import check_resumable
 
     cfg = parse_config({"data": {"name": "digits"}, "model": {"name": "mlp"}})
     old = cfg.to_dict()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from kbricks import build_config
 from kbricks.engine.experiment import build_experiment
-from kbricks.engine.trainer import run_training
+from kbricks.engine.run import run_training
 from kbricks.errors import ConfigError
 from kbricks.methods import Batch
 from kbricks.methods.dml import dml_loss

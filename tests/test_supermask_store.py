@@ -8,8 +8,8 @@ from torch import nn
 from kbricks import build_config
 from kbricks.continual.inference import g_objective, mean_entropy, superposition_gradient
 from kbricks.core.checkpoint import load_checkpoint, load_safetensors, load_state_into
-from kbricks.engine.continual import run_continual
 from kbricks.engine.experiment import build_experiment
+from kbricks.engine.run import run_continual
 from kbricks.models import create_model
 from kbricks.models.masked import FixedMasks, MaskBank, StoredMask, supermask
 

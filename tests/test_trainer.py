@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from kbricks.core.checkpoint import load_checkpoint, load_safetensors
-from kbricks.core.hooks import Hook, read_jsonl
+from kbricks.core.hooks import Hook, RunState, read_jsonl
 from kbricks.core.plots import wait_for_plots
+from kbricks.engine.card import CARD_KEYS
 from kbricks.engine.experiment import build_experiment
-from kbricks.engine.trainer import run_training
+from kbricks.engine.run import run_training
 from kbricks.errors import ConfigError, TrainingDiverged
 from kbricks.models import create_model
 
@@ -30,6 +31,7 @@ def test_run_dir_contents_and_learning(tiny_cfg, tmp_path):
     assert env["torch"] == torch.__version__ and env["world_size"] == 1
     # the exported safetensors rebuild the network and give the same predictions
     card = json.loads((run / "model.json").read_text())
+    assert tuple(card) == CARD_KEYS and card["network"] == "classifier" and card["scenario"] is None and card["imports"] == []
     net = create_model(card["model"]["name"], num_classes=card["num_classes"], in_channels=card["in_channels"], image_size=card["image_size"], **card["model"]["kwargs"])
     net.load_state_dict(load_safetensors(run / "model.safetensors"))
     exp = build_experiment(cfg)
@@ -59,6 +61,46 @@ def test_resume_replays_exactly(tiny_cfg, tmp_path):
     rows = read_jsonl(tmp_path / "part/metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]  # the stale epoch-2 row was dropped and rewritten
     assert [r["train/loss"] for r in rows] == [r["train/loss"] for r in read_jsonl(tmp_path / "full/metrics.jsonl")]
+
+
+def test_hooks_receive_the_run_state(tiny_cfg, tmp_path):
+    """Every hook call gets the same typed RunState: config, run directory, method, loop, where the run is, the rows
+    logged so far, and at the end the model card."""
+    seen = []
+
+    class Watch(Hook):
+        def on_fit_start(self, state):
+            assert isinstance(state, RunState) and not state.continual and state.task is None
+            assert state.run_dir == tmp_path / "r" and state.cfg.name == "tiny" and state.exp.method is state.method
+            assert state.epochs == state.cfg.train.epochs and state.steps_per_epoch == 256 // 32 and state.loop.batch_size == 32
+            seen.append(("start", state.epoch, len(state.metrics), dict(state.card)))
+
+        def on_epoch_end(self, state, epoch, metrics):
+            assert state.metrics[-1] is metrics and state.epoch == epoch
+            seen.append(("epoch", state.epoch, len(state.metrics), dict(state.card)))
+
+        def on_fit_end(self, state, summary):
+            seen.append(("end", state.epoch, len(state.metrics), dict(state.card)))
+
+    run_training(tiny_cfg(**{"train.epochs": 3}), tmp_path / "r", hooks=[Watch()])
+    assert [s[:3] for s in seen] == [("start", 0, 0), ("epoch", 1, 1), ("epoch", 2, 2), ("epoch", 3, 3), ("end", 3, 3)]
+    assert all(not s[3] for s in seen[:-1])  # the card exists once the run exported it
+    written = json.loads((tmp_path / "r/model.json").read_text())
+    assert tuple(seen[-1][3]) == CARD_KEYS and seen[-1][3]["fingerprint"] == written["fingerprint"]
+    # a resumed session starts where the checkpoint is: rows of earlier epochs are kept, later ones dropped
+    seen.clear()
+    run_training(tiny_cfg(**{"train.epochs": 4}), tmp_path / "r", resume=True, hooks=[Watch()])
+    assert [s[:3] for s in seen] == [("start", 3, 0), ("epoch", 4, 1), ("end", 4, 1)]
+
+
+def test_fused_kernels_fall_back_when_torch_hides_its_device_list(monkeypatch):
+    import torch.utils._foreach_utils as fu
+
+    from kbricks.engine import loop
+
+    monkeypatch.delattr(fu, "_get_fused_kernels_supported_devices")
+    assert loop.fused_devices() == {"cuda"}
+    assert not loop.fused_supported([torch.nn.Parameter(torch.zeros(2))])  # CPU parameters: the per-parameter update
 
 
 def test_resume_refuses_a_changed_model(tiny_cfg, tmp_path):

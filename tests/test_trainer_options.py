@@ -7,7 +7,7 @@ import torch
 
 from kbricks.core.hooks import read_jsonl
 from kbricks.core.seeding import default_threads
-from kbricks.engine.trainer import run_training
+from kbricks.engine.run import run_training
 from kbricks.errors import ConfigError
 
 

@@ -23,7 +23,7 @@ from .api import ContinualRun, Factorization, Run, accuracy, distill, factorize,
 from .engine.evaluate import evaluate_run as evaluate
 from .engine.experiment import build_config, load_config
 from .engine.export import export
-from .engine.trainer import run_training as train
+from .engine.run import run_training as train
 from .errors import CheckpointError, ConfigError, DataError, KbricksError, TrainingDiverged
 from .methods.kf.bricks import assemble, load_assembled, load_brick, save_assembled
 from .models._factory import zoo

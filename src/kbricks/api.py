@@ -31,7 +31,7 @@ from torch import nn
 from .core.hooks import Hook
 from .data import DataSplits, load_dataset, python_splits
 from .engine.experiment import build_config
-from .engine.trainer import run_training
+from .engine.run import run_training
 from .errors import ConfigError
 from .methods.kf.bricks import assemble
 from .models.spec import NetworkSpec
@@ -214,17 +214,15 @@ def _is_flat(splits: DataSplits) -> bool:
 class _Keep(Hook):
     """Holds on to the trained method and the experiment at the end of the run."""
 
-    def on_fit_end(self, trainer, summary) -> None:
-        self.trainer = trainer
+    def on_fit_end(self, state, summary) -> None:
+        self.state = state
 
 
 def _run(cfg_dict: Dict[str, Any], overrides: Sequence[str], run_dir, resume: bool, overwrite: bool):
     cfg = build_config(cfg_dict, list(overrides))
     keep = _Keep()
     summary = run_training(cfg, Path(run_dir) if run_dir is not None else None, resume=resume, hooks=[keep], overwrite=overwrite)
-    t = keep.trainer
-    method = t.strategy if hasattr(t, "strategy") else t.method
-    return summary, method, t.exp, Path(summary["run_dir"])
+    return summary, keep.state.method, keep.state.exp, Path(summary["run_dir"])
 
 
 def _common(name, seed, epochs, batch_size, lr, optimizer, weight_decay, device, progress, out_dir) -> Dict[str, Any]:

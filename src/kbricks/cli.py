@@ -28,7 +28,7 @@ def _print(obj) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .core import dist
     from .engine.experiment import load_config
-    from .engine.trainer import run_training
+    from .engine.run import run_training
 
     cfg = load_config(config_path_of(args), args.override)
     summary = run_training(cfg, Path(args.run_dir) if args.run_dir else None, resume=args.resume, overwrite=args.overwrite)
@@ -68,15 +68,43 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_assemble(args: argparse.Namespace) -> int:
-    from .engine.evaluate import evaluate_assembled
     from .methods.kf.bricks import assemble, save_assembled
 
     net = assemble(args.ckn, args.tsn)
     path = save_assembled(net, Path(args.out), overwrite=args.overwrite)
     result: dict = {"assembled": str(path), "tasks": [t.name for t in net.tasks], "classes": net.classes or None}
     if args.evaluate:
-        result.update(evaluate_assembled(net))
+        from .config import DataConfig
+        from .engine.experiment import build_transform, load_data
+        from .methods.kf.report import assembled_report
+
+        data_cfg = DataConfig.model_validate(net.manifests[0]["provenance"]["data"])  # the CKN's own data and split
+        data = load_data(data_cfg)
+        result.update(assembled_report(net, data, build_transform(data_cfg, data.train)))
     _print(result)
+    return 0
+
+
+def _cmd_options(args: argparse.Namespace) -> int:
+    """A method's options (``method.*`` in a config): type, default, bounds and description from its Config."""
+    from .engine import experiment  # noqa: F401  (registers every method)
+    from .methods.base import METHODS, describe_options
+
+    cls = METHODS.get(args.method)
+    tags = METHODS.tags(args.method)
+    print(f"method {args.method} ({cls.__module__}.{cls.__qualname__}{'; ' + ', '.join(tags) if tags else ''})")
+    doc = (cls.__doc__ or "").strip().splitlines()
+    if doc:
+        print(f"  {doc[0]}")
+    options = describe_options(cls.Config, "method.")
+    if not options:
+        print("  no options")
+    for o in options:
+        bounds = f", {o['constraints']}" if o["constraints"] else ""
+        default = "required" if o["default"] == "required" else f"default {o['default']}"
+        print(f"  {o['name']}: {o['type']} ({default}{bounds})")
+        if o["description"]:
+            print(f"      {o['description']}")
     return 0
 
 
@@ -166,13 +194,13 @@ def _cmd_reproduce_paper(args: argparse.Namespace) -> int:
     return 0
 
 
+IMPORT_HELP = "import user code first (registers its models, methods, datasets); repeatable, before or after the command"
 WORKERS_HELP = "parallel single-threaded processes (default: $KBRICKS_WORKERS, else one per core)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kbricks", description="Modular knowledge transfer between neural networks.")
-    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import user code first (registers its models, methods, datasets); repeatable")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help=IMPORT_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
     def run_args(sp, what: str) -> None:
@@ -263,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--tag", help="only entries with this tag, e.g. masked or continual")
     ls.add_argument("--configs-dir", help="list the configs of this directory (default: the shipped ones)")
     ls.set_defaults(func=_cmd_list)
+
+    op = sub.add_parser("options", help="a method's options (method.* in a config): types, defaults and descriptions")
+    op.add_argument("method", help="a registered method, e.g. kd (kbricks list methods)")
+    op.set_defaults(func=_cmd_options)
+
+    for sp in sub.choices.values():  # --import after the subcommand too: kbricks train cfg.yaml --import mod
+        sp.add_argument("--import", dest="imports_after", action="append", default=[], metavar="MODULE", help=IMPORT_HELP)
     return p
 
 
@@ -272,10 +307,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .core.seeding import set_threads
 
         set_threads(None)  # every command, evaluation included: KBRICKS_THREADS, else 1 (see core.seeding)
-        if args.imports:
-            from .registry import import_user_modules
+        from .registry import forget_imported_modules, import_user_modules
 
-            import_user_modules(args.imports)
+        forget_imported_modules()  # a run's model card records this command's --import modules, not an earlier call's
+        import_user_modules([*args.imports, *getattr(args, "imports_after", [])])
         return args.func(args)
     except KbricksError as exc:
         print(f"kbricks: error: {exc}", file=sys.stderr)

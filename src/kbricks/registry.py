@@ -89,9 +89,13 @@ def check_kwargs(factory: Callable[..., Any], kwargs: Dict[str, Any], what: str)
         raise ConfigError(f"{what} got unknown argument(s) {unknown}; accepted: {accepted}")
 
 
+_IMPORTED: List[str] = []  # modules import_user_modules loaded in this process, in order
+
+
 def import_user_modules(modules: Iterable[str]) -> None:
     """``--import MODULE``: import user code that registers models, methods or datasets. The working directory is
-    searched too (as ``python -m`` does), so a ``my_models.py`` next to the config is found."""
+    searched too (as ``python -m`` does), so a ``my_models.py`` next to the config is found. The modules are
+    remembered (:func:`imported_modules`): a run records them in its model card."""
     import os
     import sys
 
@@ -102,6 +106,51 @@ def import_user_modules(modules: Iterable[str]) -> None:
             importlib.import_module(name)
         except Exception as exc:
             raise ConfigError(f"--import {name}: {type(exc).__name__}: {exc}") from None
+        if name not in _IMPORTED:
+            _IMPORTED.append(name)
+
+
+def imported_modules() -> List[str]:
+    """The modules :func:`import_user_modules` has imported (since :func:`forget_imported_modules`)."""
+    return list(_IMPORTED)
+
+
+def forget_imported_modules() -> None:
+    """Start a new record: each ``kbricks`` command records only its own ``--import`` modules (the modules stay
+    imported)."""
+    _IMPORTED.clear()
+
+
+class NetworkFiles:
+    """Openers of the network files methods write beside the engine's own ``model.json`` (KF's ``assembled.json``),
+    so ``kbricks export`` opens them without knowing the method. An opener is registered under the file's name (found
+    in a directory) and the prefix of its JSON ``format`` field (a file given directly)."""
+
+    def __init__(self) -> None:
+        self._openers: List[Tuple[str, str, Callable[[Any], Any]]] = []
+
+    def register(self, filename: str, format_prefix: str) -> Callable[[Callable[[Any], Any]], Callable[[Any], Any]]:
+        def decorator(opener: Callable[[Any], Any]) -> Callable[[Any], Any]:
+            self._openers = [o for o in self._openers if o[0] != filename] + [(filename, format_prefix, opener)]
+            return opener
+
+        return decorator
+
+    def for_directory(self, folder) -> Optional[Callable[[Any], Any]]:
+        """The opener of the first registered file present in ``folder`` (None: none is)."""
+        from pathlib import Path
+
+        return next((o for name, _, o in self._openers if (Path(folder) / name).exists()), None)
+
+    def for_format(self, fmt: Any) -> Optional[Callable[[Any], Any]]:
+        """The opener of a JSON document whose ``format`` is ``fmt`` (None: no registered kind)."""
+        return next((o for _, prefix, o in self._openers if str(fmt or "").startswith(prefix)), None)
+
+    def filenames(self) -> List[str]:
+        return [name for name, _, _ in self._openers]
+
+
+NETWORK_FILES = NetworkFiles()
 
 
 class ObjectStore:

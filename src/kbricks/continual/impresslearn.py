@@ -39,7 +39,7 @@ from torch import nn
 from ..config import OptimConfig
 from ..errors import ConfigError
 from ..methods.base import METHODS
-from ..models.masked import CachedWeights, Combination, MaskedLayer, MaskSource, ScoreMasks, unpack_bits
+from ..models.masked import CachedWeights, Combination, MaskedLayer, MaskSource, ScoreMasks, StoredMask, unpack_bits
 from .strategy import ContinualStrategy, Stage, StrategyParams
 
 
@@ -198,6 +198,9 @@ class ImpressLearn(ContinualStrategy):
     def after_task(self, t: int) -> None:
         self.learned = t + 1
 
+    def stage_label(self, stage: Stage) -> str:
+        return f"{stage.name}{stage.index}" if stage.name == "impression" else stage.name
+
     def evaluated_after(self, t: int) -> bool:
         # the seed phase is one block, as in the paper where the impressions exist before any task is evaluated
         p = self.params
@@ -261,3 +264,20 @@ class ImpressLearn(ContinualStrategy):
         self.fit_info = {int(k.split("_")[1]): v for k, v in state.items() if k.startswith("fit_")}
         self.learned = int(state.get("learned", len(self.alphas)))
         self._cached = None
+
+
+@torch.no_grad()
+def mask_transfer_matrix(exp) -> List[List[float]]:
+    """A[i][j]: test accuracy on task j of stored mask i alone (with mask i's own BatchNorm statistics): ImpressLearn's
+    sanity check that an impression on a task it was not trained for is near chance. ``exp``: a continual run's
+    experiment with its strategy's state loaded (``kbricks.engine.continual.load_continual_run``)."""
+    s, bs = exp.method, exp.cfg.train.eval_batch_size
+    xs = [exp.transform(t.test.x.to(exp.device), train=False) for t in exp.scenario]
+    out = []
+    for i in range(s.net.num_stored()):
+        row = []
+        for data, x in zip(exp.scenario, xs):
+            logits = torch.cat([s.task_logits(x[b:b + bs], StoredMask(i), i) for b in range(0, len(x), bs)])
+            row.append((logits[:, : data.num_classes].argmax(1).cpu() == data.test.y).float().mean().item())
+        out.append(row)
+    return out

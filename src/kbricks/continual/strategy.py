@@ -109,6 +109,10 @@ class ContinualStrategy(Method):
     def after_task(self, t: int) -> None:
         pass
 
+    def stage_label(self, stage: Stage) -> str:
+        """How progress lines name a stage of the task loop."""
+        return stage.name
+
     def evaluated_after(self, t: int) -> bool:
         """Whether the seen tasks are evaluated after task t (False inside a block of tasks learned as a unit, e.g.
         ImpressLearn's seed phase: their accuracy-matrix row is empty)."""

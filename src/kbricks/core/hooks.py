@@ -1,8 +1,8 @@
-"""Trainer hooks. Loggers are hooks: they receive metrics and write them somewhere (rank 0 only).
+"""Run hooks and the state they see. Loggers are hooks: they receive metrics and write them somewhere (rank 0 only).
 
-A trainer passed to a hook exposes ``cfg``, ``epochs`` and ``steps_per_epoch`` of the loop that is running,
-``label`` (a prefix such as ``"task 2/5 "`` for continual runs) and ``keep_row(row)`` (which logged rows survive a
-resume). Continual runs also call ``on_task_start`` / ``on_task_end``.
+Every hook method receives the run's :class:`RunState` first: the config, run directory, experiment, the method
+being trained, where the run is (task, epoch, the running loop's length and steps) and, once written, the model
+card. Continual runs also call ``on_task_start`` / ``on_task_end``.
 """
 
 from __future__ import annotations
@@ -10,18 +10,58 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class RunState:
+    """What hooks see of a running run; the engine keeps it up to date.
+
+    The types of ``cfg`` (``kbricks.config.RunConfig``), ``exp`` (``kbricks.engine.experiment.Experiment``: data,
+    tasks, transform, device) and ``loop`` (``kbricks.engine.loop.Loop``: optimiser, scheduler, batch size) live in
+    higher layers than this module, so they are annotated ``Any`` here."""
+
+    cfg: Any
+    run_dir: Path
+    exp: Any
+    method: Any  # the Method (or continual strategy) being trained
+    continual: bool = False
+    num_tasks: int = 1
+    task: Optional[int] = None  # continual runs: the task being learned (0-based)
+    epoch: int = 0  # epochs finished in the running loop
+    epochs: int = 0  # length of the running loop (a plain run's train.epochs; a continual stage's epochs)
+    steps_per_epoch: int = 0
+    label: str = ""  # a prefix such as "task 2/5 mask " for continual runs
+    loop: Any = None  # the running Loop
+    resumed_from: int = 0  # the epoch (plain) or task (continual) this session started after
+    metrics: List[Dict[str, Any]] = field(default_factory=list)  # rows logged in this session
+    card: Dict[str, Any] = field(default_factory=dict)  # model.json, once written (on_fit_end)
+
+    def keep_row(self, row: Dict[str, Any]) -> bool:
+        """Whether a logged row of an earlier session survives a resume (it was written before the checkpoint)."""
+        return row.get("task" if self.continual else "epoch", 0) <= self.resumed_from
 
 
 class Hook:
-    def on_fit_start(self, trainer) -> None: ...
-    def on_task_start(self, trainer, task: int) -> None: ...
-    def on_epoch_start(self, trainer, epoch: int) -> None: ...
-    def on_step_end(self, trainer, step: int, losses: Dict[str, float]) -> None: ...
-    def on_epoch_end(self, trainer, epoch: int, metrics: Dict[str, Any]) -> None: ...
-    def on_task_end(self, trainer, task: int, metrics: Dict[str, Any]) -> None: ...
-    def on_fit_end(self, trainer, summary: Dict[str, Any]) -> None: ...
+    def on_fit_start(self, state: RunState) -> None: ...
+    def on_task_start(self, state: RunState, task: int) -> None: ...
+    def on_epoch_start(self, state: RunState, epoch: int) -> None: ...
+    def on_step_end(self, state: RunState, step: int, losses: Dict[str, float]) -> None: ...
+    def on_epoch_end(self, state: RunState, epoch: int, metrics: Dict[str, Any]) -> None: ...
+    def on_task_end(self, state: RunState, task: int, metrics: Dict[str, Any]) -> None: ...
+    def on_fit_end(self, state: RunState, summary: Dict[str, Any]) -> None: ...
+
+
+def run_hooks(state: RunState, plots: bool) -> List[Hook]:
+    """The loggers of every run (rank 0): metrics.jsonl, summary.csv, progress, and with ``plots`` the curves."""
+    metrics = Path(state.run_dir) / "metrics.jsonl"
+    hooks: List[Hook] = [JsonlLogger(metrics), CsvSummary(Path(state.run_dir) / "summary.csv", metrics),
+                         ProgressBar(state.cfg.train.progress)]
+    if plots:
+        hooks.append(PlotCurves(metrics, Path(state.run_dir) / "plots"))
+    return hooks
 
 
 def read_jsonl(path: Path) -> List[Dict[str, Any]]:
@@ -46,18 +86,18 @@ class JsonlLogger(Hook):
     def __init__(self, path: Path):
         self.path = Path(path)
 
-    def on_fit_start(self, trainer) -> None:
-        keep = [r for r in read_jsonl(self.path) if trainer.keep_row(r)]
+    def on_fit_start(self, state: RunState) -> None:
+        keep = [r for r in read_jsonl(self.path) if state.keep_row(r)]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     def _append(self, row: Dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def on_epoch_end(self, trainer, epoch: int, metrics: Dict[str, Any]) -> None:
+    def on_epoch_end(self, state: RunState, epoch: int, metrics: Dict[str, Any]) -> None:
         self._append(metrics)
 
-    def on_task_end(self, trainer, task: int, metrics: Dict[str, Any]) -> None:
+    def on_task_end(self, state: RunState, task: int, metrics: Dict[str, Any]) -> None:
         self._append(metrics)
 
 
@@ -67,7 +107,7 @@ class CsvSummary(Hook):
     def __init__(self, path: Path, jsonl: Path):
         self.path, self.jsonl = Path(path), Path(jsonl)
 
-    def on_epoch_end(self, trainer, epoch: int, metrics: Dict[str, Any]) -> None:
+    def on_epoch_end(self, state: RunState, epoch: int, metrics: Dict[str, Any]) -> None:
         write_csv(self.path, read_jsonl(self.jsonl))
 
     on_task_end = on_epoch_end
@@ -94,31 +134,31 @@ class ProgressBar(Hook):
         self.quiet = mode == "off"
         self.bar = None
 
-    def on_epoch_start(self, trainer, epoch: int) -> None:
+    def on_epoch_start(self, state: RunState, epoch: int) -> None:
         if self.enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=trainer.steps_per_epoch, desc=f"{trainer.label}epoch {epoch + 1}/{trainer.epochs}", leave=False)
+            self.bar = tqdm(total=state.steps_per_epoch, desc=f"{state.label}epoch {epoch + 1}/{state.epochs}", leave=False)
 
-    def on_step_end(self, trainer, step: int, losses: Dict[str, float]) -> None:
+    def on_step_end(self, state: RunState, step: int, losses: Dict[str, float]) -> None:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{losses['loss']:.4f}")
 
-    def on_epoch_end(self, trainer, epoch: int, metrics: Dict[str, Any]) -> None:
+    def on_epoch_end(self, state: RunState, epoch: int, metrics: Dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
         if not self.quiet:
-            self._print(trainer, f"{trainer.label}epoch {epoch}/{trainer.epochs}", metrics)
+            self._print(state, f"{state.label}epoch {epoch}/{state.epochs}", metrics)
 
-    def on_task_end(self, trainer, task: int, metrics: Dict[str, Any]) -> None:
+    def on_task_end(self, state: RunState, task: int, metrics: Dict[str, Any]) -> None:
         if not self.quiet:
-            self._print(trainer, f"task {task}/{trainer.num_tasks} done", metrics)
+            self._print(state, f"task {task}/{state.num_tasks} done", metrics)
 
-    def _print(self, trainer, head: str, metrics: Dict[str, Any]) -> None:
+    def _print(self, state: RunState, head: str, metrics: Dict[str, Any]) -> None:
         text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in self.SHOWN and v is not None)
-        print(f"[{trainer.cfg.name}] {head} {text}", file=sys.stderr, flush=True)
+        print(f"[{state.cfg.name}] {head} {text}", file=sys.stderr, flush=True)
 
 
 class PlotCurves(Hook):
@@ -127,8 +167,8 @@ class PlotCurves(Hook):
     def __init__(self, jsonl: Path, out_dir: Path):
         self.jsonl, self.out_dir = Path(jsonl), Path(out_dir)
 
-    def on_fit_end(self, trainer, summary: Dict[str, Any]) -> None:
+    def on_fit_end(self, state: RunState, summary: Dict[str, Any]) -> None:
         from .plots import draw_in_background, plot_curves
 
         rows = [r for r in read_jsonl(self.jsonl) if "epoch" in r and "task" not in r]
-        draw_in_background(plot_curves, rows, self.out_dir / "curves.png", title=trainer.cfg.name)
+        draw_in_background(plot_curves, rows, self.out_dir / "curves.png", title=state.cfg.name)

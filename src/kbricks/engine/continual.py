@@ -1,12 +1,13 @@
 """The continual task loop on the engine: a strategy (SupSup, ImpressLearn, ...) learns the scenario's tasks one
-after another with the same :class:`~kbricks.engine.trainer.Loop`, run directory, hooks, logging, checkpoints and
+after another with the same :class:`~kbricks.engine.loop.Loop`, run directory, hooks, logging, checkpoints and
 NaN stop as ``kbricks train``; after each task every seen task is evaluated (the accuracy matrix), and at the end
 task inference is measured when the task id is withheld.
 
 Run directory: the usual files (config.yaml, env.json, metrics.jsonl with one row per epoch and per finished task,
 summary.csv, ckpt/last.pt, results.json, model.json + model.safetensors, plots/) plus accuracy_matrix.csv.
 Checkpoints are written after every task; resume continues after the last finished task, and the resumed run is
-identical to an uninterrupted one (randomness is derived from the seed, task, stage and epoch).
+identical to an uninterrupted one (randomness is derived from the seed, task, stage and epoch). Opening the run
+directory, resume rules and recording the config are the run lifecycle's (:mod:`kbricks.engine.run`).
 """
 
 from __future__ import annotations
@@ -18,22 +19,26 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..config import InferenceConfig, RunConfig
+from ..config import InferenceConfig
 from ..continual.inference import infer_task, refit_coefficients
 from ..continual.metrics import cl_metrics
 from ..continual.strategy import ContinualStrategy
 from ..core import dist
-from ..core.checkpoint import load_checkpoint, load_state_into, save_checkpoint, save_safetensors
-from ..core.hooks import CsvSummary, Hook, JsonlLogger, ProgressBar
+from ..core.checkpoint import load_checkpoint, load_state_into, save_checkpoint
+from ..core.hooks import Hook, RunState, run_hooks
 from ..core.rundir import RunDirectory
 from ..core.seeding import derive_seed
 from ..data import TaskData
-from ..errors import TrainingDiverged
-from .experiment import Experiment, build_experiment
-from .trainer import Loop, announce_optim_changes, execute_run, resumable_state
+from ..errors import KbricksError, TrainingDiverged
+from .card import import_recorded, write_model_card
+from .experiment import Experiment, build_experiment, load_config
+from .loop import Loop
 
 
 class ContinualTrainer:
+    """The task loop over ``exp.scenario`` into ``run``; hooks (the run's loggers, the strategy's, then ``hooks``)
+    receive ``self.state``."""
+
     def __init__(self, exp: Experiment, run: RunDirectory, hooks: Optional[List[Hook]] = None):
         if not isinstance(exp.method, ContinualStrategy):
             raise TypeError("the continual loop needs a ContinualStrategy")
@@ -42,33 +47,27 @@ class ContinualTrainer:
         self.strategy: ContinualStrategy = exp.method
         self.tasks: List[TaskData] = exp.scenario
         self.num_tasks = len(self.tasks)
-        self.start_task, self.epochs, self.steps_per_epoch, self.label = 0, 0, 0, ""
+        self.state = RunState(cfg=self.cfg, run_dir=self.run_dir, exp=exp, method=self.strategy, continual=True, num_tasks=self.num_tasks)
         self.R: List[List[Optional[float]]] = []
         self.seconds: List[float] = []
         self.hooks: List[Hook] = []
         if dist.is_main_process():
-            metrics = self.run_dir / "metrics.jsonl"
-            self.hooks = [JsonlLogger(metrics), CsvSummary(self.run_dir / "summary.csv", metrics), ProgressBar(self.cfg.train.progress)]
+            self.hooks = run_hooks(self.state, plots=False) + self.strategy.hooks()
         self.hooks += list(hooks or [])
+
+    @property
+    def start_task(self) -> int:
+        return self.state.resumed_from
 
     # ---- hooks, resume ---------------------------------------------------------------------------------------
     def _hook(self, name: str, *args) -> None:
         for h in self.hooks:
-            getattr(h, name)(self, *args)
+            getattr(h, name)(self.state, *args)
 
-    def keep_row(self, row: Dict[str, Any]) -> bool:
-        return row.get("task", 0) <= self.start_task
-
-    def resume(self) -> None:
-        state = resumable_state(self.ckpt_dir, self.cfg)
-        if state is None:
-            return
-        saved, now = state.get("config", {}).get("optim", {}), self.cfg.optim.model_dump(mode="json")
-        changed = [k for k in sorted(now) if k in saved and saved[k] != now[k]]
-        # each task builds its optimiser anew: any change applies from the next task
-        announce_optim_changes(saved, now, changed, f"applies to the tasks still to learn, from task {state['next_task'] + 1}")
+    def restore(self, state: Dict[str, Any]) -> None:
+        """Continue after the checkpoint's last finished task (already checked by the run lifecycle)."""
         load_state_into(self.strategy, state["model"], "continual strategy")
-        self.R, self.seconds, self.start_task = state["R"], state["seconds"], state["next_task"]
+        self.R, self.seconds, self.state.resumed_from = state["R"], state["seconds"], state["next_task"]
 
     def checkpoint(self, next_task: int) -> None:
         if dist.is_main_process():
@@ -78,15 +77,15 @@ class ContinualTrainer:
 
     # ---- one task --------------------------------------------------------------------------------------------
     def learn_task(self, t: int) -> None:
-        s, T = self.strategy, self.num_tasks
+        s, T, st = self.strategy, self.num_tasks, self.state
         s.before_task(t)
         for i, stage in enumerate(s.stages(t)):
             params = s.begin_stage(stage)
             loop = Loop(s, params, self.tasks[stage.task].train, self.exp.transform, stage.optim, self.cfg.train, stage.epochs,
                         self.exp.device, (self.cfg.seed, t, i), lambda step, losses: self._hook("on_step_end", step, losses),
                         where=f"in task {t + 1} ({stage.name}) ")
-            self.epochs, self.steps_per_epoch = stage.epochs, loop.steps_per_epoch
-            self.label = f"task {t + 1}/{T} {stage.name}{stage.index if stage.name == 'impression' else ''} "
+            st.loop, st.epochs, st.steps_per_epoch, st.epoch = loop, stage.epochs, loop.steps_per_epoch, 0
+            st.label = f"task {t + 1}/{T} {s.stage_label(stage)} "
             for e in range(stage.epochs):
                 self._hook("on_epoch_start", e)
                 te = time.time()
@@ -97,6 +96,8 @@ class ContinualTrainer:
                     note = f"tasks 1..{t} are kept in {self.ckpt_dir / 'last.pt'}" if t else "no task was finished yet"
                     raise TrainingDiverged(f"{exc}; {note}") from None
                 row["time_s"] = time.time() - te
+                st.epoch = e + 1
+                st.metrics.append(row)
                 self._hook("on_epoch_end", e + 1, row)
             s.end_stage(stage)
         s.after_task(t)
@@ -114,6 +115,7 @@ class ContinualTrainer:
         self._hook("on_fit_start")
         T = self.num_tasks
         for t in range(self.start_task, T):
+            self.state.task = t
             self._hook("on_task_start", t)
             t0 = time.time()
             self.learn_task(t)
@@ -123,6 +125,7 @@ class ContinualTrainer:
             row = {"task": t + 1, "name": self.tasks[t].name, "acc_current": self.R[t][t],
                    "avg_acc_seen": sum(self.R[t][: t + 1]) / (t + 1) if evaluated else None, "seconds": self.seconds[-1]}
             self.checkpoint(t + 1)
+            self.state.metrics.append(row)
             self._hook("on_task_end", t + 1, row)
             dist.barrier()
             if stop_after is not None and t + 1 >= stop_after and t + 1 < T:
@@ -150,15 +153,9 @@ class ContinualTrainer:
 
     def export(self, result: Dict[str, Any]) -> None:
         tensors = flat_state(self.strategy.state_dict())
-        save_safetensors(tensors, self.run_dir / "model.safetensors", {"format": "kbricks-supermask-v1"})
-        from ..core.checkpoint import fingerprint
-
-        card = {"model": self.cfg.model.model_dump(), "method": self.cfg.method.name, "network": "supermask" if self.strategy.masked else "dense",
-                "data": self.cfg.data.name, "scenario": self.cfg.data.scenario.model_dump(),
-                "tasks": [{"name": t.name, "num_classes": t.num_classes} for t in self.tasks],
-                "normalize": {"mean": self.exp.transform.mean, "std": self.exp.transform.std},
-                "fingerprint": fingerprint(tensors), "metrics": {k: v for k, v in result.items() if k != "accuracy_matrix"}}
-        self.run.write_json("model.json", card)
+        metrics = {k: v for k, v in result.items() if k != "accuracy_matrix"}
+        self.state.card = write_model_card(self.run, self.exp, self.strategy, tensors, "kbricks-supermask-v1",
+                                           "supermask" if self.strategy.masked else "dense", metrics)
         self.run.write_json("results.json", result)
         if self.cfg.train.plots:
             from ..core.plots import plot_accuracy_matrix
@@ -237,35 +234,15 @@ def evaluate_inference(strategy: ContinualStrategy, tasks: List[TaskData], trans
 
 def load_continual_run(run_dir: Path) -> Experiment:
     """The experiment of a finished (or interrupted) continual run with its last checkpoint loaded."""
-    from ..errors import KbricksError
-    from .experiment import load_config
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise KbricksError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
+    import_recorded(run_dir)
     exp = build_experiment(load_config(run_dir / "config.yaml"))
     state = load_checkpoint(run_dir / "ckpt" / "last.pt")
     load_state_into(exp.method, state["model"], "continual strategy")
     exp.method.eval()
     return exp
-
-
-@torch.no_grad()
-def mask_transfer_matrix(exp: Experiment) -> List[List[float]]:
-    """A[i][j]: test accuracy on task j of stored mask i alone (with mask i's own BatchNorm statistics): ImpressLearn's
-    sanity check that an impression on a task it was not trained for is near chance."""
-    from ..models.masked import StoredMask
-
-    s, bs = exp.method, exp.cfg.train.eval_batch_size
-    xs = [exp.transform(t.test.x.to(exp.device), train=False) for t in exp.scenario]
-    out = []
-    for i in range(s.net.num_stored()):
-        row = []
-        for data, x in zip(exp.scenario, xs):
-            logits = torch.cat([s.task_logits(x[b:b + bs], StoredMask(i), i) for b in range(0, len(x), bs)])
-            row.append((logits[:, : data.num_classes].argmax(1).cpu() == data.test.y).float().mean().item())
-        out.append(row)
-    return out
 
 
 def write_matrix(path: Path, R: List[List[Optional[float]]], names: List[str]) -> None:
@@ -274,9 +251,3 @@ def write_matrix(path: Path, R: List[List[Optional[float]]], names: List[str]) -
         w.writerow(["after_task"] + names)
         for i, row in enumerate(R):
             w.writerow([names[i]] + ["" if v is None else f"{v:.6f}" for v in row])
-
-
-def run_continual(cfg: RunConfig, run_dir: Optional[Path] = None, resume: bool = False, hooks: Optional[List[Hook]] = None,
-                  overwrite: bool = False, stop_after: Optional[int] = None) -> Dict[str, Any]:
-    """Learn the scenario's tasks in order; returns the results (also in ``run_dir/results.json``)."""
-    return execute_run(cfg, run_dir, resume, hooks, overwrite, ContinualTrainer, stop_after=stop_after)

@@ -31,7 +31,7 @@ from ..data import (
     channel_stats,
 )
 from ..data.validate import relabel_splits, validate_splits
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, KbricksError
 from ..methods.base import METHODS, Method, MethodContext
 from ..models import MODELS
 from ..models.foreign import check_network_name
@@ -190,10 +190,26 @@ def build_experiment(cfg: RunConfig, device: Optional[torch.device] = None) -> E
     ctx = MethodContext(cfg, train, tasks, device, transform, scenario)
     try:
         method = METHODS.get(cfg.method.name)(method_params(cfg), ctx).to(device)
-    except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a model.kwargs value its constructor cannot use
-        raise ConfigError(f"could not build model {cfg.model.name!r} (model.kwargs {dict(cfg.model.kwargs)}) for method "
-                          f"{cfg.method.name!r}: {type(exc).__name__}: {_first_line(exc)}") from exc
+    except KbricksError:
+        raise  # already one line naming the setting
+    except Exception as exc:
+        raise constructor_error(exc, cfg) from exc
     return Experiment(cfg, data, tasks, method, transform, device, scenario)
+
+
+def constructor_error(exc: Exception, cfg: RunConfig) -> ConfigError:
+    """One line for an error raised while the method was built: the model's constructor (a ``model.kwargs`` value
+    it cannot use) when the error passed through ``create_model``, else the method's own constructor."""
+    import traceback
+
+    from ..models import create_model
+
+    what = f"{type(exc).__name__}: {_first_line(exc)}"
+    if any(frame.f_code is create_model.__code__ for frame, _ in traceback.walk_tb(exc.__traceback__)):
+        return ConfigError(f"could not build model {cfg.model.name!r} (model.kwargs {dict(cfg.model.kwargs)}) for method "
+                           f"{cfg.method.name!r}: {what}")
+    cls = METHODS.get(cfg.method.name)
+    return ConfigError(f"method {cfg.method.name!r} ({cls.__module__}.{cls.__qualname__}) failed in its constructor: {what}")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -18,11 +18,13 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .. import methods as _methods  # noqa: F401  (methods register the network files they write, e.g. KF's assembled.json)
 from .._version import __version__
 from ..core.checkpoint import read_json
 from ..errors import KbricksError
-from ..methods.kf.bricks import load_assembled
 from ..models.deploy import load_model
+from ..registry import NETWORK_FILES
+from .card import import_recorded
 
 FORMATS = ("torchscript", "onnx")
 ONNX_OPSET = 18
@@ -30,19 +32,28 @@ ONNX_EXTRA = "ONNX export needs the optional extra: pip install 'kbricks[onnx]' 
 
 
 def load_network(path: Union[str, Path]) -> nn.Module:
-    """An assembled network (a directory with ``assembled.json``, or that file) or a trained run's network (a run
-    directory or its ``model.json``), fingerprint-checked, in eval mode, taking raw inputs."""
+    """A trained run's network (a run directory or its ``model.json``, after importing the plugin modules its card
+    records) or a network file a method registered (``kbricks.registry.NETWORK_FILES``: KF's assembled network, a
+    directory with ``assembled.json`` or that file), fingerprint-checked, in eval mode, taking raw inputs."""
     p = Path(path)
     if p.is_dir():
-        if (p / "assembled.json").exists():
-            return load_assembled(p)
+        opener = NETWORK_FILES.for_directory(p)
+        if opener is not None:
+            return opener(p)
         if (p / "model.json").exists():
-            return load_model(p)
-        raise KbricksError(f"no deployable network in {str(p)!r} (expected assembled.json from kbricks assemble, or a run directory with model.json)")
+            return _load_run_model(p, p)
+        expected = " or ".join(NETWORK_FILES.filenames() + ["model.json (a run directory)"])
+        raise KbricksError(f"no deployable network in {str(p)!r} (expected {expected})")
     doc = read_json(p, f"no deployable network at {str(p)!r} (give an assembled network's directory or a run directory)")
-    if isinstance(doc, dict) and str(doc.get("format", "")).startswith("kbricks-assembled"):
-        return load_assembled(p)
-    return load_model(p)
+    opener = NETWORK_FILES.for_format(doc.get("format")) if isinstance(doc, dict) else None
+    if opener is not None:
+        return opener(p)
+    return _load_run_model(p, p.parent)
+
+
+def _load_run_model(path: Path, run_dir: Path) -> nn.Module:
+    import_recorded(run_dir)
+    return load_model(path)
 
 
 def random_input(net: nn.Module, batch: int = 2, seed: int = 0, shape: Optional[Sequence[int]] = None) -> torch.Tensor:

@@ -11,7 +11,7 @@ from ..core.hooks import write_csv
 from ..core.stats import mean_std
 from .experiment import load_config
 from .parallel import run_parallel
-from .trainer import run_training
+from .run import run_training
 
 
 def train_or_reuse(config: Path, run_dir: Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:

@@ -2,13 +2,20 @@
 
 ``loss`` in that dict is what is optimised; the other entries are logged. ``predict`` gives eval logits
 (one tensor over the dataset's classes, or a list with one tensor per task for multi-head models).
-A method may contribute hooks to the run (``hooks()``), e.g. KF writes its bricks when training ends.
+
+The engine knows no method by name; a method speaks to it through these hooks:
+
+* ``hooks()``: extra run hooks (e.g. KF writes its bricks when training ends);
+* ``card()``: fields added to (or replacing) the model card's (e.g. KF: ``network: factors``);
+* ``report(exp, run_dir, baseline)``: its own ``kbricks evaluate`` report instead of the accuracy evaluation.
+
+``describe_options(Method.Config)`` lists a method's options (``kbricks options METHOD``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -76,10 +83,63 @@ class Method(nn.Module):
         """Extra hooks this method adds to its run (artefacts, reports). Default: none."""
         return []
 
+    def card(self) -> Dict[str, Any]:
+        """Fields this method adds to the run's model card (model.json), or replaces (e.g. ``network``: what the
+        weights rebuild). Default: none."""
+        return {}
+
     def report(self, exp, run_dir, baseline=None) -> Optional[Dict]:
         """A method's own evaluation report for ``kbricks evaluate`` (``exp`` holds the loaded run). ``None``: the
         engine's accuracy evaluation is the report."""
         return None
+
+
+def describe_options(config: type, prefix: str = "") -> List[Dict[str, str]]:
+    """One entry per option of a pydantic Config: ``name``, ``type``, ``default`` (``required`` when there is none),
+    ``constraints`` and ``description``, in declaration order."""
+    from pydantic_core import PydanticUndefined
+
+    out = []
+    for name, f in config.model_fields.items():
+        if f.default is not PydanticUndefined:
+            default = _show(f.default)
+        elif f.default_factory is not None:
+            default = _show(f.default_factory())
+        else:
+            default = "required"
+        bounds = [f"{sym} {getattr(m, attr)}" for m in f.metadata for attr, sym in
+                  (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="), ("min_length", "min length")) if getattr(m, attr, None) is not None]
+        out.append({"name": prefix + name, "type": _type_name(f.annotation), "default": default, "constraints": ", ".join(bounds),
+                    "description": f.description or ""})
+    return out
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    import json
+
+    try:
+        return json.dumps(value)
+    except TypeError:
+        return repr(value)
+
+
+def _type_name(annotation: Any) -> str:
+    """A readable type: ``int``, ``float | None``, ``one of 'a', 'b'``, ``list[int]``, a model's class name."""
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is Union or type(annotation).__name__ == "UnionType":
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        inner = ", ".join(_type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]" if inner else getattr(origin, "__name__", str(origin))
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def list_methods(pattern: str = "*", tag: Optional[str] = None) -> List[str]:

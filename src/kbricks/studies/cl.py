@@ -184,7 +184,8 @@ def run_cl_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Call
 
 def impression_alone(run_dir: Path) -> Dict[str, Any]:
     """Every SupSup mask on every task: the diagonal (own task) and the rest, and the mean by task distance."""
-    from ..engine.continual import load_continual_run, mask_transfer_matrix
+    from ..continual.impresslearn import mask_transfer_matrix
+    from ..engine.continual import load_continual_run
 
     A = mask_transfer_matrix(load_continual_run(run_dir))
     T = len(A)

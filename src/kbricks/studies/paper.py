@@ -35,7 +35,7 @@ from ..core import dist
 from ..core.hooks import Hook
 from ..core.stats import mean_std
 from ..engine.experiment import load_config
-from ..engine.trainer import run_training
+from ..engine.run import run_training
 from ..errors import ConfigError, DataError
 from .common import configs_root, read_study, write_study
 

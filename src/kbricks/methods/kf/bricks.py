@@ -26,6 +26,7 @@ from ...errors import CheckpointError, KbricksError
 from ...models import create_model
 from ...models.deploy import RAW_INPUT, input_shape_of
 from ...models.factorized import AssembledClassifier, AssembledMultiTask, AssembledNetwork, FactorNetworks, TaskSpecificNetwork
+from ...registry import NETWORK_FILES
 
 BRICK_FORMAT = "kbricks-brick-v2"
 # manifest fields that change what an assembled network computes: signed together with the weights
@@ -267,6 +268,7 @@ def save_assembled(net: AssembledNetwork, out_dir: Union[str, Path], overwrite: 
     return out / "assembled.json"
 
 
+@NETWORK_FILES.register("assembled.json", "kbricks-assembled")  # kbricks export opens it without knowing KF
 def load_assembled(path: Union[str, Path]) -> AssembledNetwork:
     """Rebuild an assembled network from ``assembled.json`` + ``assembled.safetensors`` alone (a directory or the
     JSON file), in eval mode, taking raw inputs. The weights must hash to the manifest's fingerprint, the manifest

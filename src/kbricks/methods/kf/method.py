@@ -343,6 +343,9 @@ class KnowledgeFactorization(Method):
     def hooks(self) -> List[Hook]:
         return [ExportBricks(self)]
 
+    def card(self):
+        return {"network": "factors"}  # model.safetensors holds factor networks: load the bricks instead
+
     def report(self, exp, run_dir, baseline=None):
         from .report import kf_report
 

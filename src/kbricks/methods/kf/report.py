@@ -16,6 +16,7 @@ from torch import nn
 
 from ...core.hooks import write_csv
 from ...core.metrics import evaluate
+from ...data import DataSplits, build_tasks
 from ...models import create_model
 from ...models.frozen import FrozenNetwork, build_from_card, load_frozen
 from .analysis import linear_probe, representation_metrics
@@ -155,3 +156,31 @@ def representation_report(method, kd: Optional[FrozenNetwork], exp, tasks) -> Di
 
 def report_row(report: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in report.items() if not isinstance(v, (list, dict))}
+
+
+def assembled_report(net, data: DataSplits, transform) -> Dict[str, float]:
+    """Accuracy of an assembled network fed raw test inputs, and of its teacher fed the same inputs through its own
+    pipeline (normalisation), on ``data``: the splits its CKN was trained on (``net.manifests[0]["provenance"]["data"]``),
+    with that run's input ``transform``."""
+    prov = net.manifests[0]["provenance"]
+    test = data.test
+    cpu = torch.device("cpu")
+    if net.is_class_union:
+        test = test.subset(torch.isin(test.y, torch.tensor(net.classes)).nonzero().squeeze(1))
+    raw = lambda x, train=False: x  # noqa: E731  (the assembled network normalises its raw inputs itself)
+    out = {f"assembled/{k}": v for k, v in evaluate(Predictor(net), test, net.tasks, raw, cpu).items()}
+    teacher = load_frozen(prov["teacher"], {"mean": transform.mean, "std": transform.std} if transform.mean else None)
+    if net.is_class_union:  # the teacher restricted to the same classes
+        cls = torch.tensor(net.classes)
+        full = teacher_predictor(teacher, build_tasks(None, data.train))
+
+        def restricted(x):
+            s = full.predict(x)
+            masked = torch.full_like(s, float("-inf"))
+            masked[:, cls] = s[:, cls]
+            return masked
+
+        out["teacher/acc"] = evaluate(Predictor(restricted), test, net.tasks, transform, cpu)["acc"]
+    else:
+        out.update({f"teacher/{k}": v for k, v in evaluate(teacher_predictor(teacher, net.tasks), test, net.tasks, transform, cpu).items()})
+    return out

@@ -144,6 +144,8 @@ class TrainConfig(Strict):
     num_threads: Optional[int] = Field(None, ge=1)
     progress: Literal["auto", "on", "off"] = "auto"
     plots: bool = True
+    loggers: List[Literal["tensorboard"]] = Field(default_factory=list, description="extra loggers beside metrics.jsonl: "
+                                                  "tensorboard writes event files to <run>/tb (scalars and the plots)")
     ddp_timeout_s: float = Field(1800.0, gt=0, description="how long DDP ranks wait for a stopped rank")
     sync_batchnorm: bool = Field(False, description="DDP: BatchNorm statistics over the global batch")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast the training step (fp16 adds a gradient scaler on CUDA)")

@@ -61,6 +61,10 @@ def run_hooks(state: RunState, plots: bool) -> List[Hook]:
                          ProgressBar(state.cfg.train.progress)]
     if plots:
         hooks.append(PlotCurves(metrics, Path(state.run_dir) / "plots"))
+    if "tensorboard" in state.cfg.train.loggers:
+        from .tensorboard import TensorBoardLogger
+
+        hooks.append(TensorBoardLogger(Path(state.run_dir) / "tb"))
     return hooks
 
 

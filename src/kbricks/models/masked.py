@@ -457,6 +457,17 @@ class MaskedWrapper(nn.Module):
         for t in self.targets:
             _unregister(inner, t)
 
+    def __getattr__(self, name: str):
+        # a parent reading the layer's settings (attention's batch_first, a conv's out_channels) sees the inner
+        # module's; its masked weights read None there (emptied), so a direct read cannot bypass the mask silently
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("inner")
+            if inner is None or name.startswith("__") or name in ("masked", "targets"):
+                raise
+            return getattr(inner, name)
+
     def forward(self, *args, **kwargs):
         weights = {t: layer.effective_weight() for t, layer in zip(self.targets, self.masked)}
         with _substituted(self.inner, weights):
@@ -658,7 +669,13 @@ def _plain(child: nn.Module, base: type, methods: Sequence[str], tensors: set) -
             and not list(child.children()) and not (child._forward_hooks or child._forward_pre_hooks))
 
 
+def _no_fused_attention(module: nn.Module, args) -> None:
+    """A no-op hook: its presence keeps torch's fused transformer paths off (see :func:`_converted`)."""
+
+
 def _convert(parent: nn.Module, g: torch.Generator, prefix: str, conversion: _Conversion) -> None:
+    if isinstance(parent, nn.TransformerEncoder):  # its nested-tensor path reads the attention weights directly
+        parent.use_nested_tensor = False
     for name, child in list(parent.named_children()):
         path = prefix + name
         new = _converted(child, path, g, conversion)
@@ -679,7 +696,11 @@ def _converted(child: nn.Module, path: str, g: torch.Generator, conversion: _Con
                               "remove it (parametrize.remove_parametrizations) before masking")
     if isinstance(child, nn.MultiheadAttention):
         projections = ["in_proj_weight"] if child._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
-        return _wrapped(child, path, projections + ["out_proj.weight"], ["in_proj_bias", "out_proj.bias"], g, conversion)
+        wrapper = _wrapped(child, path, projections + ["out_proj.weight"], ["in_proj_bias", "out_proj.bias"], g, conversion)
+        # nn.TransformerEncoderLayer's fused inference path reads the projection weights directly (bypassing the
+        # masks); it is skipped whenever a hook is attached to one of its modules
+        wrapper.register_forward_pre_hook(_no_fused_attention)
+        return wrapper
     if isinstance(child, nn.Linear):
         if not _plain(child, nn.Linear, ("forward",), {"weight", "bias"}):
             return _wrapped(child, path, ["weight"], ["bias"], g, conversion)
@@ -692,7 +713,7 @@ def _converted(child: nn.Module, path: str, g: torch.Generator, conversion: _Con
     elif isinstance(child, nn.modules.batchnorm._BatchNorm):
         conversion.batchnorms.append(path)
         momentum = child.momentum if child.momentum is not None else 0.1
-        if _plain(child, type(child), (), set()) and type(child).forward is nn.modules.batchnorm._BatchNorm.forward:
+        if _plain(child, nn.modules.batchnorm._BatchNorm, ("forward",), _BN_TENSORS):
             return TaskBatchNorm(child.num_features, momentum, child.eps)
         return WrappedTaskBatchNorm(copy.deepcopy(child), momentum, child.eps)
     elif isinstance(child, _REFUSED):
@@ -774,12 +795,15 @@ def _difference(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
 
 
 class _Recorder:
-    """Every module call of ``root``: (path, inputs, outputs) in completion order, and the modules entered but not
-    left (on an exception, the last is the innermost one that failed)."""
+    """Every module call of ``root``: (path, inputs, outputs) in completion order, the modules entered but not left
+    (on an exception, the last is the innermost one that failed), and the outputs of the ``live`` modules."""
 
-    def __init__(self, root: nn.Module):
+    def __init__(self, root: nn.Module, live: Sequence[str] = ()):
         self.calls: List[tuple] = []
         self.open: List[str] = []
+        self.records: List[list] = []  # the calls of ``open``
+        self.live_paths = set(live)
+        self.live: Dict[str, List[torch.Tensor]] = {}  # outputs of the ``live`` modules, still in the graph
         self.handles = []
         for path, m in root.named_modules():
             self.handles.append(m.register_forward_pre_hook(self._enter(path), with_kwargs=True))
@@ -787,15 +811,17 @@ class _Recorder:
 
     def _enter(self, path: str):
         def hook(module, args, kwargs):
-            self.open.append(path)
             self.calls.append([path, [t.detach().clone() for t in _tensors((args, kwargs))], None])
+            self.open.append(path)
+            self.records.append(self.calls[-1])
         return hook
 
     def _leave(self, path: str):
         def hook(module, args, kwargs, output):
             self.open.pop()
-            call = next(c for c in reversed(self.calls) if c[0] == path and c[2] is None)
-            call[2] = [t.detach().clone() for t in _tensors(output)]
+            self.records.pop()[2] = [t.detach().clone() for t in _tensors(output)]
+            if path in self.live_paths:
+                self.live.setdefault(path, []).extend(_tensors(output))
         return hook
 
     def by_path(self) -> Dict[str, List[tuple]]:
@@ -914,7 +940,7 @@ def _compare(ref: nn.Module, net: SupermaskNet, x: torch.Tensor, dtype: torch.dt
         for layer, w in zip(layers, source.weights):
             _tensor_at(ref, layer.origin).copy_(w)
             layer.weight = torch.full_like(layer.weight, math.nan)
-    ref_rec, cand_rec = _Recorder(ref), _Recorder(cand.body)
+    ref_rec, cand_rec = _Recorder(ref), _Recorder(cand.body, live=[layer.site for layer in layers])
     try:
         with torch.no_grad():
             expected = _tensors(_run(ref, x))
@@ -935,20 +961,23 @@ def _compare(ref: nn.Module, net: SupermaskNet, x: torch.Tensor, dtype: torch.dt
     finally:
         ref_rec.remove()
         cand_rec.remove()
-    # every mask the forward used must reach the output, else its scores could never train
-    used = sorted(source.used)
-    outputs = [t for t in got if t.requires_grad]
-    if not used:
-        return
-    grads = [None] * len(used)
-    if outputs:
-        g = torch.Generator().manual_seed(1)
-        objective = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() for t in outputs)
-        grads = torch.autograd.grad(objective, [source.ones[i] for i in used], allow_unused=True)
-    deaf = [layers[i].site for i, gr in zip(used, grads) if gr is None or not bool(gr.ne(0).any())]
+    # every mask the forward used must reach its own layer's output, else its scores could never train
+    by_site: Dict[str, List[int]] = {}
+    for i in sorted(source.used):
+        by_site.setdefault(layers[i].site, []).append(i)
+    g = torch.Generator().manual_seed(1)
+    deaf = []
+    for site, used in by_site.items():
+        outputs = [t for t in cand_rec.live.get(site, got) if t.requires_grad and t.is_floating_point()]
+        grads: Sequence[Optional[torch.Tensor]] = [None] * len(used)
+        if outputs:
+            objective = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() for t in outputs)
+            grads = torch.autograd.grad(objective, [source.ones[i] for i in used], allow_unused=True, retain_graph=True)
+        if any(gr is None or not bool(gr.ne(0).any()) for gr in grads):
+            deaf.append(site)
     if deaf:
         raise ConfigError(f"supermask: cannot convert {_describe(ref, deaf)}: its output does not depend on its mask "
-                          f"(the mask could never train); {_FIX}")
+                          f"(the mask could never train: a detached weight, or a gain frozen at 0?); {_FIX}")
 
 
 def _first_divergences(expected: Dict[str, List[tuple]], calls: Sequence[tuple], tolerance: float) -> List[str]:

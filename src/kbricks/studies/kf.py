@@ -55,8 +55,9 @@ ABLATIONS: Dict[str, Tuple[str, List[str]]] = {
     "no_bottleneck": ("bottleneck off (beta = 0)", ["method.beta=0"]),
     "bottleneck_batch": ("bottleneck = official batch-statistics KL", ["method.bottleneck=batch"]),
     "no_task_head": ("task-only head off", ["method.task_weight=0"]),
-    "official": ("the official objective as coded (T 10, KD 0.1, CE 1 with LS 0.1, task head CE, batch KL, InfoMax teacher 1.0, clip 35)",
+    "official": ("the official objective as coded (T 10, KD 0.1, CE 1 with LS 0.1 in mmcls form, task head CE, batch KL, InfoMax teacher 1.0, clip 35)",
                  ["method.temperature=10", "method.kd_weight=0.1", "method.ce_weight=1", "method.label_smoothing=0.1",
+                  "method.label_smoothing_form=classy_vision",
                   "method.task_head_loss=ce", "method.bottleneck=batch", "method.beta=1e-3", "method.infomax=teacher",
                   "method.infomax_weight=1.0", "train.grad_clip=35"]),
 }

@@ -133,6 +133,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 # ---- DCI and SAP ---------------------------------------------------------------------------------------------
 
 DCI_IMPORTANCES = ("gbt", "linear")
+DCI_MARKER = "dci_gbt"  # present in every report whose DCI is the reference computation
 DCI_MAX_TRAIN = 1000  # training codes the trees are fitted on (cost: ~K trees of depth 3 per round, 100 rounds)
 
 
@@ -254,5 +255,6 @@ def representation_metrics(train_codes: torch.Tensor, train_factors: torch.Tenso
     out = {"dims": float(test_codes.shape[1])}
     out.update({k: v for k, v in mutual_info_gap(test_codes.numpy(), test_factors.numpy()).items() if k == "mig"})
     out.update(dci(train_codes, train_factors, test_codes, test_factors))
+    out[DCI_MARKER] = 1.0  # reports without it hold the pre-issue-22 DCI (raw probe weights): not comparable
     out.update(sap(train_codes.numpy(), train_factors.numpy(), test_codes.numpy(), test_factors.numpy()))
     return out

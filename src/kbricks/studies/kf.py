@@ -29,6 +29,7 @@ from ..engine.experiment import load_config, load_data
 from ..engine.sweep import train_or_reuse
 from ..errors import ConfigError
 from ..methods.kf import KnowledgeFactorization
+from ..methods.kf.analysis import DCI_MARKER
 from .common import configs_root, read_study, write_study
 from .verdicts import Claim, Verdict, grade
 
@@ -57,6 +58,7 @@ ABLATIONS: Dict[str, Tuple[str, List[str]]] = {
     "no_task_head": ("task-only head off", ["method.task_weight=0"]),
     "official": ("the official objective as coded (T 10, KD 0.1, CE 1 with LS 0.1, task head CE, batch KL, InfoMax teacher 1.0, clip 35)",
                  ["method.temperature=10", "method.kd_weight=0.1", "method.ce_weight=1", "method.label_smoothing=0.1",
+                  "method.label_smoothing_form=classy_vision",
                   "method.task_head_loss=ce", "method.bottleneck=batch", "method.beta=1e-3", "method.infomax=teacher",
                   "method.infomax_weight=1.0", "train.grad_clip=35"]),
 }
@@ -293,10 +295,20 @@ def kf_pair_claim(key_kf: str, key_kd: str, label: str, scale: float = 100.0, di
         reps = _kf_reports(runs, "dsprites")
         if not reps or key_kf not in reps[0] or key_kd not in reps[0]:
             return None
+        if "/dci_" in key_kf and not _dci_is_reference(reps):
+            return "not run", DCI_STALE
         kf, kd = [r[key_kf] for r in reps], [r[key_kd] for r in reps]
         diff = [a - b for a, b in zip(kf, kd)]
         return grade(all(x > 0 for x in diff), mean_of(diff) > 0), f"{label}: KF {fmt_values(kf, scale, digits)} vs KD {fmt_values(kd, scale, digits)} (higher in KF in {sum(x > 0 for x in diff)}/{len(diff)} seeds)"
     return check
+
+
+DCI_STALE = ("these runs' DCI used raw probe weights, not normalised per factor (issue 22: D ~ 1 for any code); "
+             "re-run the study to get the reference DCI")
+
+
+def _dci_is_reference(reports: List[Dict[str, Any]]) -> bool:
+    return all(any(k.endswith(f"/{DCI_MARKER}") for k in r) for r in reports)
 
 
 def transfer_claim(latent: str) -> Callable[[Path], Optional[Verdict]]:
@@ -411,8 +423,10 @@ def representation_table(reports: List[Dict[str, Any]]) -> List[str]:
     for key, label in REPS:
         if f"rep/{key}/mig" not in m:
             continue
-        cells = [f"{m[f'rep/{key}/dims']['mean']:.0f}"] + [fmt(m.get(f"rep/{key}/{k}"), 1, 3) for k in ("mig", "dci_d", "dci_c")]
-        cells += [fmt(m.get(f"rep/{key}/dci_i")), fmt(m.get(f"rep/{key}/sap"), 1, 3)]
+        dci_ok = _dci_is_reference(reports)  # a stale DCI (issue 22) is not shown
+        cells = [f"{m[f'rep/{key}/dims']['mean']:.0f}", fmt(m.get(f"rep/{key}/mig"), 1, 3)]
+        cells += [fmt(m.get(f"rep/{key}/{k}"), 1, 3) if dci_ok else "—" for k in ("dci_d", "dci_c")]
+        cells += [fmt(m.get(f"rep/{key}/dci_i")) if dci_ok else "—", fmt(m.get(f"rep/{key}/sap"), 1, 3)]
         cells += [fmt(m.get(f"transfer/{key}/{h}")) for h in held]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
@@ -434,7 +448,7 @@ def ablation_table(runs: Path, dataset: str) -> List[str]:
         label = "full objective (kbricks default)" if name == "full" else ABLATIONS[name][0]
         cells = [fmt_values([factor_gaps(r) for r in reps]), fmt_values([r["assembled/acc"] for r in reps]), fmt_values([r["kf/acc"] for r in reps])]
         if dsprites:
-            cells += [fmt_values([r["rep/kf_codes/mig"] for r in reps], 1, 3), fmt_values([r["rep/kf_codes/dci_d"] for r in reps], 1, 3),
+            cells += [fmt_values([r["rep/kf_codes/mig"] for r in reps], 1, 3), fmt_values([r["rep/kf_codes/dci_d"] for r in reps], 1, 3) if _dci_is_reference(reps) else "—",
                       fmt_values([r["transfer/kf_ckn/pos_x"] for r in reps]), fmt_values([r["transfer/kf_ckn/pos_y"] for r in reps])]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if "kf_1task" in abl:

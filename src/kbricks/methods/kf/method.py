@@ -88,6 +88,16 @@ def batch_gaussian_kl(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * (1 + var.log() - mu.pow(2) - var).mean()
 
 
+def effective_label_smoothing(eps: float, form: str = "torch") -> float:
+    """The eps of torch's label smoothing that gives ``form``'s targets. mmcls's ``classy_vision`` mode (the official
+    KF code) smooths to (onehot + eps/K) / (1 + eps) = (1 - eps') onehot + eps'/K with eps' = eps / (1 + eps)."""
+    if form == "torch":
+        return eps
+    if form == "classy_vision":
+        return eps / (1.0 + eps)
+    raise ValueError(f"unknown label smoothing form {form!r} (torch or classy_vision)")
+
+
 def merge_other(logits: torch.Tensor, classes: Sequence[int], temperature: float) -> torch.Tensor:
     """Logits over [classes..., other] whose tempered softmax equals the full tempered softmax with the
     non-task classes' probability merged into 'other'."""
@@ -172,6 +182,9 @@ class KnowledgeFactorization(Method):
         kd_weight: float = Field(1.0, ge=0)
         ce_weight: float = Field(0.1, ge=0)
         label_smoothing: float = Field(0.0, ge=0, lt=1, description="of every CE term (official code: 0.1)")
+        label_smoothing_form: Literal["torch", "classy_vision"] = Field(
+            "torch", description="torch: targets (1 - eps) onehot + eps/K; classy_vision: the official code's (mmcls) "
+                                 "(onehot + eps/K) / (1 + eps), i.e. torch's form at eps / (1 + eps)")
         bottleneck: Literal["vib", "batch"] = Field(
             "vib", description="vib: per-sample Gaussian KL of a sampled z_t; batch: the official batch-statistics KL of a deterministic z_t")
         beta: float = Field(1e-3, ge=0, description="bottleneck weight")
@@ -324,7 +337,7 @@ class KnowledgeFactorization(Method):
         out = imb_loss(
             logits, self.teacher_targets(teacher_out), self.task_labels(batch), mus, logvars, infomax,
             p.temperature, p.kd_weight, p.ce_weight, p.beta, p.infomax_weight, task_only, p.task_weight,
-            p.bottleneck, p.task_head_loss, p.label_smoothing,
+            p.bottleneck, p.task_head_loss, effective_label_smoothing(p.label_smoothing, p.label_smoothing_form),
         )
         if p.bottleneck == "batch":  # the log-variance heads are unused: keep them in the graph for DDP
             out["loss"] = out["loss"] + 0.0 * sum(lv.sum() for lv in logvars)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kbricks.engine.launch import ClusterOptions, LaunchError, SubmititLauncher, torchrun_command
+from kbricks.engine.launch import ClusterOptions, LaunchError, SubmititLauncher, submit_command, torchrun_command, without_launcher_options
 from kbricks.engine.parallel import launching, run_parallel
 from kbricks.errors import ConfigError
 
@@ -50,7 +50,8 @@ def test_jobs_run_elsewhere_with_the_callers_plugins_and_a_failure_is_one_line(t
     assert run_parallel([(where_am_i, (9,), {})], workers=1)[0]["pid"] == os.getpid()
 
 
-def test_a_sweep_through_the_launcher(tmp_path, local):
+def test_a_sweep_through_the_launcher_from_the_command_line(tmp_path):
+    from kbricks.cli import main
     from kbricks.engine.sweep import run_sweep
 
     cfg = {"name": "tiny", "data": {"name": "digits", "train_subset": 128},
@@ -58,15 +59,24 @@ def test_a_sweep_through_the_launcher(tmp_path, local):
            "train": {"epochs": 1, "batch_size": 32, "progress": "off", "plots": False}}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    with launching(local):
-        summary = run_sweep(path, [0, 1], tmp_path / "sweep")
+    assert main(["sweep", str(path), "--seeds", "0", "1", "--out", str(tmp_path / "sweep"), "--launcher", "submitit",
+                 "--cluster", "local", "--submitit-dir", str(tmp_path / "jobs"), "--time", "5"]) == 0
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert [r["seed"] for r in summary["runs"]] == [0, 1]
+    assert len(list((tmp_path / "jobs").glob("*_log.out"))) == 2  # one job per seed
     for seed in (0, 1):
         result = json.loads((tmp_path / "sweep" / f"seed{seed}" / "results.json").read_text())
         assert 0.0 <= result["final"]["test/acc"] <= 1.0
     # a second sweep reuses the finished runs: no job is needed, the numbers are the same
     again = run_sweep(path, [0, 1], tmp_path / "sweep", workers=1)
     assert again["last_acc"] == summary["last_acc"]
+
+
+def test_a_command_as_one_job(tmp_path, local, capfd):
+    argv = ["options", "kd", "--launcher", "submitit", "--cluster=local", "--gpus", "1"]
+    assert without_launcher_options(argv) == ["options", "kd"]
+    assert submit_command(local, argv) == 0
+    assert "submitit (local" in capfd.readouterr().err
 
 
 def test_options_are_checked_and_torchrun_is_torchs_launcher(tmp_path):

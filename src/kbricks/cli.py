@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from .engine.launch import add_launcher_arguments, launcher_from_args, submit_command
+from .engine.parallel import launching
 from .errors import KbricksError
 
 
@@ -30,6 +32,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .engine.experiment import load_config
     from .engine.run import run_training
 
+    launcher = launcher_from_args(args)
+    if launcher is not None:  # the same command, as a cluster job (under torchrun when it has several GPUs)
+        return submit_command(launcher, args.argv)
     cfg = load_config(config_path_of(args), args.override)
     summary = run_training(cfg, Path(args.run_dir) if args.run_dir else None, resume=args.resume, overwrite=args.overwrite)
     if dist.is_main_process():
@@ -118,6 +123,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
+    with launching(launcher_from_args(args)):
+        return _study(args)
+
+
+def _study(args: argparse.Namespace) -> int:
     from .studies import run_cl_study, run_kf_study, run_sskt_study
 
     common = dict(quick=args.quick, configs=Path(args.configs) if args.configs else None)
@@ -136,8 +146,9 @@ def _cmd_study(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from .engine.sweep import run_sweep
 
-    summary = run_sweep(Path(args.config), args.seeds, Path(args.out), args.override, paired_split=not args.fixed_split,
-                        workers=args.workers)
+    with launching(launcher_from_args(args)):
+        summary = run_sweep(Path(args.config), args.seeds, Path(args.out), args.override, paired_split=not args.fixed_split,
+                            workers=args.workers)
     _print({k: v for k, v in summary.items() if k != "runs"})
     return 0
 
@@ -166,8 +177,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     if args.tables_only:
         args.runs = str(Path(args.out) / ("runs-quick" if args.quick else "runs"))
         return _cmd_report(args)
-    path = reproduce(args.quick, Path(args.out), configs=Path(args.configs) if args.configs else None, workers=args.workers,
-                     full_runs=Path(args.full_runs))
+    with launching(launcher_from_args(args)):
+        path = reproduce(args.quick, Path(args.out), configs=Path(args.configs) if args.configs else None, workers=args.workers,
+                         full_runs=Path(args.full_runs))
     print(path.read_text())
     return 0
 
@@ -209,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--run-dir", help="where to write the run (default: <out_dir>/<name>/<time>-seed<seed>)")
         sp.add_argument("--resume", action="store_true", help=f"continue {what}")
         sp.add_argument("--overwrite", action="store_true", help="replace an existing run in --run-dir")
+        add_launcher_arguments(sp)
         sp.set_defaults(func=_cmd_train)
 
     run_args(sub.add_parser("train", help="train from a YAML config (continual configs too; also under torchrun for DDP)"),
@@ -247,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
     sw.add_argument("--fixed-split", action="store_true", help="keep data.kwargs.split_seed (default: the seed sets it too)")
     sw.add_argument("--workers", type=int, help=WORKERS_HELP)
+    add_launcher_arguments(sw)
     sw.set_defaults(func=_cmd_sweep)
 
     st = sub.add_parser("study", help="multi-seed studies: kf (teacher -> KF -> KD -> report), cl (SupSup vs ImpressLearn), sskt")
@@ -258,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", default="results/runs")
     st.add_argument("--quick", action="store_true", help="small budgets (smoke test)")
     st.add_argument("--configs", help="directory of the configs to use (default: the shipped ones)")
+    add_launcher_arguments(st)
     st.set_defaults(func=_cmd_study)
 
     rep = sub.add_parser("reproduce", help="run every study this project can do on CPU (results/REPRODUCTION.md), or with --scale paper "
@@ -275,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default="results")
     rep.add_argument("--configs", help="directory of the configs to use (default: the shipped ones)")
     rep.add_argument("--workers", type=int, help=WORKERS_HELP)
+    add_launcher_arguments(rep)
     rep.add_argument("--full-runs", default="results/runs",
                      help="--quick: the full-budget raw results whose verdicts the quick table shows alongside (if present)")
     rep.add_argument("--tables-only", action="store_true", help="no training: the tables from existing study.json files (= kbricks report)")
@@ -303,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a cluster job runs again
     try:
         from .core.seeding import set_threads
 

@@ -160,6 +160,32 @@ def run_command(argv: Sequence[str]) -> int:
     return code
 
 
+LAUNCHER_OPTIONS = ("--launcher", "--cluster", "--partition", "--gpus", "--cpus", "--time", "--mem-gb", "--submitit-dir")
+
+
+def without_launcher_options(argv: Sequence[str]) -> List[str]:
+    """``argv`` less the launcher's own options (each takes a value), i.e. the command a job runs."""
+    out, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in LAUNCHER_OPTIONS:
+            skip = True
+        elif not word.startswith(tuple(o + "=" for o in LAUNCHER_OPTIONS)):
+            out.append(word)
+    return out
+
+
+def submit_command(launcher: "SubmititLauncher", argv: Sequence[str]) -> int:
+    """Run ``kbricks <argv>`` as one job (under torchrun with one process per GPU when the job has several) and wait
+    for it; a failed job raises :class:`LaunchError` naming its log."""
+    argv = without_launcher_options(argv)
+    gpus = launcher.options.gpus
+    command = torchrun_command(gpus, argv) if gpus > 1 else [sys.executable, "-m", "kbricks", *argv]
+    print(f"kbricks: {launcher.describe()}: {' '.join(command)}", file=sys.stderr)
+    return launcher.map([(run_command, (command,), {})])[0]
+
+
 def add_launcher_arguments(parser) -> None:
     """The launcher options shared by train, sweep, study and reproduce."""
     g = parser.add_argument_group("launcher (where the runs go)")

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kbricks.engine.launch import ClusterOptions, LaunchError, SubmititLauncher, submit_command, torchrun_command, without_launcher_options
+from kbricks.engine.launch import (
+    ClusterOptions,
+    LaunchError,
+    SubmititLauncher,
+    submit_command,
+    torchrun_command,
+    without_launcher_options,
+)
 from kbricks.engine.parallel import launching, run_parallel
 from kbricks.errors import ConfigError
 

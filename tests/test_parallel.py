@@ -11,9 +11,10 @@ from kbricks.errors import ConfigError
 
 
 def probe(i, out_dir):
+    from kbricks.core.seeding import default_threads
     from kbricks.models import MODELS
 
-    info = {"i": i, "pid": os.getpid(), "threads": torch.get_num_threads(), "env": os.environ.get("KBRICKS_THREADS"),
+    info = {"i": i, "pid": os.getpid(), "threads": torch.get_num_threads(), "run_threads": default_threads(),
             "nested_workers": default_workers(8), "user_model": "parallel_probe_net" in MODELS}
     (out_dir / f"probe{i}.json").write_text(json.dumps(info))
     return info
@@ -36,7 +37,7 @@ def test_workers_are_single_threaded_see_user_registrations_and_raise_the_first_
         run_parallel([(probe, (0, tmp_path), {}), (probe, (1, tmp_path), {}), (fail, ("bad input in call 2",), {})], workers=2)
     out = [json.loads((tmp_path / f"probe{i}.json").read_text()) for i in range(2)]
     assert os.getpid() not in {o["pid"] for o in out}
-    assert all(o["threads"] == int(o["env"]) == worker_threads(2) for o in out)
+    assert all(o["threads"] == o["run_threads"] == worker_threads(2) for o in out)
     assert all(o["nested_workers"] == 1 for o in out)  # a sweep inside a worker does not start another pool
     assert all(o["user_model"] for o in out)
     # the next call reuses the same worker processes (a study's sweeps do not start Python again)

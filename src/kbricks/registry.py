@@ -92,15 +92,21 @@ def check_kwargs(factory: Callable[..., Any], kwargs: Dict[str, Any], what: str)
 _IMPORTED: List[str] = []  # modules import_user_modules loaded in this process, in order
 
 
-def import_user_modules(modules: Iterable[str]) -> None:
-    """``--import MODULE``: import user code that registers models, methods or datasets. The working directory is
-    searched too (as ``python -m`` does), so a ``my_models.py`` next to the config is found. The modules are
-    remembered (:func:`imported_modules`): a run records them in its model card."""
+def importable_working_directory() -> None:
+    """User code next to the config (``my_models.py``) is importable, as under ``python -m``: the working directory
+    joins the module search path once."""
     import os
     import sys
 
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+
+
+def import_user_modules(modules: Iterable[str]) -> None:
+    """``--import MODULE``: import user code that registers models, methods or datasets. The working directory is
+    searched too (as ``python -m`` does), so a ``my_models.py`` next to the config is found. The modules are
+    remembered (:func:`imported_modules`): a run records them in its model card."""
+    importable_working_directory()
     for name in modules:
         try:
             importlib.import_module(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Optional
 
 import numpy as np
 import torch
@@ -60,6 +61,16 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+_default_threads: Optional[int] = None  # set by a worker pool for the runs its worker starts
+
+
+def use_default_threads(n: Optional[int]) -> None:
+    """Make ``n`` the thread count of every run this process starts that does not choose one (a worker of
+    :mod:`kbricks.engine.parallel`); None goes back to ``KBRICKS_THREADS`` / 1."""
+    global _default_threads
+    _default_threads = n
+
+
 def default_threads() -> int:
     """Intra-op threads when the run does not choose (``train.num_threads``): ``KBRICKS_THREADS``, else **1**.
 
@@ -70,6 +81,8 @@ def default_threads() -> int:
     an otherwise idle machine may be faster with more: ``KBRICKS_THREADS=N`` or ``-o train.num_threads=N``
     (``make bench`` measures 1 vs 2 threads, idle and next to a busy process). The same thread count everywhere
     also means a run gives the same numbers alone, in a sweep or in a study."""
+    if _default_threads:
+        return _default_threads
     env = os.environ.get("KBRICKS_THREADS")
     if env:
         try:

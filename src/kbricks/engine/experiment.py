@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from .. import continual as _continual  # noqa: F401  (registers the continual strategies)
 from .. import methods as _methods  # noqa: F401  (registers the methods)
 from ..config import DataConfig, RunConfig, format_validation_error, parse_config, read_yaml
+from ..core.io import first_line
 from ..core.seeding import pick_device, seed_everything
 from ..data import (
     DATASETS,
@@ -160,7 +161,7 @@ def load_data(data: DataConfig) -> DataSplits:
         splits = DATASETS.create(data.name, **kwargs)
     except (TypeError, ValueError) as exc:  # a loader choking on its arguments or its files: one line, not a traceback
         raise DataError(f"dataset {data.name!r} could not be loaded (data.kwargs {dict(data.kwargs)}): {type(exc).__name__}: "
-                        f"{_first_line(exc)}") from exc
+                        f"{first_line(exc)}") from exc
     if not isinstance(splits, DataSplits):
         raise DataError(f"dataset {data.name!r} returned {type(splits).__name__}, not DataSplits(train, test)")
     validate_splits(relabel_splits(splits) if data.relabel else splits)
@@ -204,15 +205,9 @@ def constructor_error(exc: Exception, cfg: RunConfig) -> ConfigError:
 
     from ..models import create_model
 
-    what = f"{type(exc).__name__}: {_first_line(exc)}"
+    what = f"{type(exc).__name__}: {first_line(exc)}"
     if any(frame.f_code is create_model.__code__ for frame, _ in traceback.walk_tb(exc.__traceback__)):
         return ConfigError(f"could not build model {cfg.model.name!r} (model.kwargs {dict(cfg.model.kwargs)}) for method "
                            f"{cfg.method.name!r}: {what}")
     cls = METHODS.get(cfg.method.name)
     return ConfigError(f"method {cfg.method.name!r} ({cls.__module__}.{cls.__qualname__}) failed in its constructor: {what}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-

@@ -32,8 +32,26 @@ def launching(launcher: Optional[Any]) -> Iterator[None]:
         _launcher = saved
 
 
+_serial = False  # True in a pool's worker and inside in_process(): no nested pools
+
+
+@contextmanager
+def in_process() -> Iterator[None]:
+    """Within the block, :func:`run_parallel` runs every call here, in order (e.g. a reproduction run with one
+    worker keeps its studies' sweeps in this process, with the caller's log)."""
+    global _serial
+    saved, _serial = _serial, True
+    try:
+        yield
+    finally:
+        _serial = saved
+
+
 def default_workers(jobs: int) -> int:
-    """``KBRICKS_WORKERS`` if set, else one worker per core, never more than there are jobs."""
+    """1 inside a worker or :func:`in_process`; else ``KBRICKS_WORKERS`` if set, else one worker per core, never
+    more than there are jobs."""
+    if _serial:
+        return 1
     env = os.environ.get("KBRICKS_WORKERS")
     n = int(env) if env else (os.cpu_count() or 1)
     return max(1, min(n, jobs))
@@ -56,10 +74,13 @@ def user_modules() -> List[str]:
 
 
 def _worker_settings(threads: int) -> None:
-    os.environ["KBRICKS_THREADS"] = str(threads)  # every run the worker starts reads it (core.seeding.default_threads)
-    os.environ["KBRICKS_WORKERS"] = "1"  # a sweep inside a worker runs its seeds in that worker: no nested pools
+    global _serial
     import torch
 
+    from ..core.seeding import use_default_threads
+
+    use_default_threads(threads)  # every run the worker starts uses them (core.seeding.default_threads)
+    _serial = True  # a sweep inside a worker runs its seeds in that worker: no nested pools
     torch.set_num_threads(threads)
 
 
@@ -123,7 +144,7 @@ def run_parallel(calls: Sequence[Call], workers: Optional[int] = None) -> List[A
     if _launcher is not None:
         return _launcher.map(calls)
     workers = default_workers(len(calls)) if workers is None else max(1, min(workers, len(calls)))
-    if workers == 1:
+    if workers == 1 or _serial:
         return [fn(*args, **kwargs) for fn, args, kwargs in calls]
     pool = worker_pool(workers)
     threads = _pool_key[1]

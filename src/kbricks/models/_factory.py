@@ -19,18 +19,15 @@ from typing import Any, Callable, Dict, Optional, Set, Tuple
 from torch import nn
 
 from ..errors import ConfigError
+from ..registry import importable_working_directory
 from ._files import exception_line
 from .spec import ZOO_PATH
 
 
 def import_object(path: str, where: str) -> Any:
     """``package.module:attr.sub`` -> the object (the working directory is searched, like ``--import``)."""
-    import os
-    import sys
-
     module_name, _, attr = path.partition(":")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    importable_working_directory()
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..core.io import first_line
+
 # modules applied unchanged to a channel-stacked tensor: element-wise or per channel over spatial positions
 PER_CHANNEL_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
@@ -320,7 +322,7 @@ class FusedTSNs:
         except Unsupported as exc:
             self.reason = str(exc)
         except Exception as exc:  # noqa: BLE001 - fx cannot trace this backbone (data-dependent control flow...)
-            self.reason = f"the backbone cannot be traced ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            self.reason = f"the backbone cannot be traced ({first_line(exc, with_type=True)})"
 
     def why_not(self, tsns: Sequence[nn.Module]) -> Optional[str]:
         """None when ``tsns`` run fused now, else the reason they run task by task."""

@@ -6,12 +6,11 @@ holds / partly / does not hold.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from ..engine.parallel import default_workers, run_parallel, timed
+from ..engine.parallel import default_workers, in_process, run_parallel, timed
 from . import kf, sskt
 from .cl import CL_CLAIMS, CL_STUDIES, run_cl_study
 from .common import read_study
@@ -110,15 +109,8 @@ def reproduce(quick: bool, out: Path = Path("results"), log: Callable[[str], Non
     workers = default_workers(len(calls)) if workers is None else max(1, workers)
     log(f"[reproduce] {len(calls)} studies, {workers} worker process(es)")
     if workers == 1:  # here, with the caller's log; the sweeps inside the studies stay in this process too
-        saved = os.environ.get("KBRICKS_WORKERS")
-        os.environ["KBRICKS_WORKERS"] = "1"
-        try:
+        with in_process():
             times = [timed(fn, *args, log=log, **kwargs) for fn, args, kwargs in calls]
-        finally:
-            if saved is None:
-                del os.environ["KBRICKS_WORKERS"]
-            else:
-                os.environ["KBRICKS_WORKERS"] = saved
     else:
         times = run_parallel([(timed, (fn, *args), kwargs) for fn, args, kwargs in calls], workers)
     for (fn, args, kwargs), (_, wall, cpu) in zip(calls, times):

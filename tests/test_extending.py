@@ -3,12 +3,14 @@ loaded by `--import`, then used from a config."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import yaml
+from safetensors import safe_open
 
 from kbricks.cli import main
 
@@ -174,8 +176,6 @@ def test_fitnets_worked_example_trains_logs_its_hint_and_is_evaluated_in_a_fresh
     assert all({"train/kd", "train/ce"} <= set(r) for r in rows)
     card = json.loads((tmp_path / "student" / "model.json").read_text())
     assert (card["method"], card["imports"], card["network"]) == ("fitnets", ["fitnets"], "classifier")
-    from safetensors import safe_open
-
     with safe_open(str(tmp_path / "student" / "model.safetensors"), "pt") as f:  # the student alone: no regressor, no teacher
         assert f.keys() and not [k for k in f.keys() if k.startswith(("regressor", "teacher"))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(EXAMPLES), os.environ.get("PYTHONPATH", "")])}
@@ -187,3 +187,17 @@ def test_fitnets_worked_example_trains_logs_its_hint_and_is_evaluated_in_a_fresh
     for line in ("method.teacher: NetworkSpec (required)", "method.student_layer: str | None (default null)",
                  "method.hint_weight: float (default 1.0, >= 0)"):
         assert line in options, options
+
+
+def test_the_architecture_recipe_quotes_examples_fitnets_as_it_is_and_names_four_files():
+    """The doc's FitNets block is an exact copy of the example's code (so it cannot drift), and the files a newcomer
+    is told to read are this document plus three that exist."""
+    doc = (SRC.parent / "docs" / "architecture.md").read_text()
+    quoted = re.search(r"doc-test: skip \(examples/fitnets\.py[^\n]*\n```python\n(.*?)\n```", doc, re.S)
+    assert quoted, "docs/architecture.md lost its FitNets block"
+    assert quoted.group(1) in (EXAMPLES / "fitnets.py").read_text()
+    assert "class FitNets(Method)" in quoted.group(1) and "def fitnets_loss" in quoted.group(1)
+    section = doc[doc.index("## How to add a method with a teacher"):]
+    to_read = re.findall(r"\*\*`(src/kbricks/[\w/]+\.py)`\*\*", section[:section.index("The toolkit")])
+    assert to_read == ["src/kbricks/methods/base.py", "src/kbricks/methods/_teacher.py", "src/kbricks/models/taps.py"]
+    assert all((SRC.parent / p).exists() for p in to_read)

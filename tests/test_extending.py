@@ -1,5 +1,5 @@
 """docs/architecture.md's "how to add a method / a dataset / a model", each done with one small file of user code
-loaded by `--import`, then used from a config."""
+loaded by `--import`, then used from a config; and its "method with a teacher" recipe, examples/fitnets.py."""
 
 import json
 import os
@@ -187,6 +187,16 @@ def test_fitnets_worked_example_trains_logs_its_hint_and_is_evaluated_in_a_fresh
     for line in ("method.teacher: NetworkSpec (required)", "method.student_layer: str | None (default null)",
                  "method.hint_weight: float (default 1.0, >= 0)"):
         assert line in options, options
+    # named layers: a feature map of each network (flattened), and a misspelt one refused in one line before training
+    named = argv + ["-o", "method.student_layer=body.1", "-o", "method.teacher_layer=body.0", "-o", "train.epochs=1"]
+    assert main([*named[:3], "mid", *named[4:]]) == 0
+    mid = json.loads((tmp_path / "mid" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 <= mid["train/hint"] < float("inf")
+    capsys.readouterr()
+    assert main([*named[:3], "bad", *named[4:], "-o", "method.student_layer=body.9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kbricks: error: method.student_layer has no layer 'body.9'; its layers include ['head', 'body'"), err
+    assert "\n" not in err and not (tmp_path / "bad").exists()
 
 
 def test_the_architecture_recipe_quotes_examples_fitnets_as_it_is_and_names_four_files():

@@ -1,14 +1,16 @@
 """docs/architecture.md's "how to add a method / a dataset / a model", each done with one small file of user code
-loaded by `--import`, then used from a config."""
+loaded by `--import`, then used from a config; and its "method with a teacher" recipe, examples/fitnets.py."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import yaml
+from safetensors import safe_open
 
 from kbricks.cli import main
 
@@ -145,3 +147,67 @@ def test_an_error_in_a_method_constructor_names_the_method(tmp_path, monkeypatch
     assert err.strip() == ("kbricks: error: method 'ext_broken' (ext_broken.Broken) failed in its constructor: KeyError: "
                            "'missing_key'")
     assert not (tmp_path / "r").exists()  # a failed start leaves no run behind
+
+
+EXAMPLES = SRC.parent / "examples"
+
+
+def test_fitnets_worked_example_trains_logs_its_hint_and_is_evaluated_in_a_fresh_process(tmp_path, monkeypatch, capsys):
+    """docs/architecture.md's "add a method with a teacher": examples/fitnets.py, loaded with --import after the
+    command, distils a teacher trained here; its hint loss is logged and falls; a fresh process evaluates the run."""
+    budget = {"optim": {"name": "adam", "lr": 0.01, "weight_decay": 0.0}, "train": {"epochs": 3, "batch_size": 32, "progress": "off", "plots": False}}
+    teacher = {"name": "teacher", "data": {"name": "digits", "train_subset": 320}, "model": {"name": "small_cnn", "kwargs": {"widths": [16, 32]}},
+               "method": {"name": "supervised"}, **budget}
+    (tmp_path / "teacher.yaml").write_text(yaml.safe_dump(teacher))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # as PYTHONPATH=examples does on the command line
+    assert main(["train", "teacher.yaml", "--run-dir", "teacher"]) == 0
+    teacher_acc = json.loads(capsys.readouterr().out)["final"]["test/acc"]
+    small = [f"{section}.{k}={json.dumps(v)}" for section, d in budget.items() for k, v in d.items()]
+    small += ["method.teacher=teacher", "data.train_subset=320", "data.augment.crop_padding=0"]
+    argv = ["train", str(EXAMPLES / "fitnets.yaml"), "--run-dir", "student", *[w for o in small for w in ("-o", o)], "--import", "fitnets"]
+    assert main(argv) == 0
+    acc = json.loads(capsys.readouterr().out)["final"]["test/acc"]
+    rows = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    hints = [r["train/hint"] for r in rows]
+    assert acc > 0.5 and teacher_acc > 0.5  # ten classes: chance is 0.1
+    assert len(hints) == 3 and all(0 <= h < float("inf") for h in hints), hints
+    assert hints[-1] < hints[0], hints  # the regressed student features move towards the teacher's
+    assert all({"train/kd", "train/ce"} <= set(r) for r in rows)
+    card = json.loads((tmp_path / "student" / "model.json").read_text())
+    assert (card["method"], card["imports"], card["network"]) == ("fitnets", ["fitnets"], "classifier")
+    with safe_open(str(tmp_path / "student" / "model.safetensors"), "pt") as f:  # the student alone: no regressor, no teacher
+        assert f.keys() and not [k for k in f.keys() if k.startswith(("regressor", "teacher"))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(EXAMPLES), os.environ.get("PYTHONPATH", "")])}
+    ev = subprocess.run([sys.executable, "-m", "kbricks", "evaluate", "student"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["test/acc"] == acc
+    assert main(["options", "fitnets", "--import", "fitnets"]) == 0
+    options = capsys.readouterr().out
+    for line in ("method.teacher: NetworkSpec (required)", "method.student_layer: str | None (default null)",
+                 "method.hint_weight: float (default 1.0, >= 0)"):
+        assert line in options, options
+    # named layers: a feature map of each network (flattened), and a misspelt one refused in one line before training
+    named = argv + ["-o", "method.student_layer=body.1", "-o", "method.teacher_layer=body.0", "-o", "train.epochs=1"]
+    assert main([*named[:3], "mid", *named[4:]]) == 0
+    mid = json.loads((tmp_path / "mid" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 <= mid["train/hint"] < float("inf")
+    capsys.readouterr()
+    assert main([*named[:3], "bad", *named[4:], "-o", "method.student_layer=body.9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kbricks: error: method.student_layer has no layer 'body.9'; its layers include ['head', 'body'"), err
+    assert "\n" not in err and not (tmp_path / "bad").exists()
+
+
+def test_the_architecture_recipe_quotes_examples_fitnets_as_it_is_and_names_four_files():
+    """The doc's FitNets block is an exact copy of the example's code (so it cannot drift), and the files a newcomer
+    is told to read are this document plus three that exist."""
+    doc = (SRC.parent / "docs" / "architecture.md").read_text()
+    quoted = re.search(r"doc-test: skip \(examples/fitnets\.py[^\n]*\n```python\n(.*?)\n```", doc, re.S)
+    assert quoted, "docs/architecture.md lost its FitNets block"
+    assert quoted.group(1) in (EXAMPLES / "fitnets.py").read_text()
+    assert "class FitNets(Method)" in quoted.group(1) and "def fitnets_loss" in quoted.group(1)
+    section = doc[doc.index("## How to add a method with a teacher"):]
+    to_read = re.findall(r"\*\*`(src/kbricks/[\w/]+\.py)`\*\*", section[:section.index("The toolkit")])
+    assert to_read == ["src/kbricks/methods/base.py", "src/kbricks/methods/_teacher.py", "src/kbricks/models/taps.py"]
+    assert all((SRC.parent / p).exists() for p in to_read)

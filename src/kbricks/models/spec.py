@@ -105,6 +105,8 @@ class NetworkSpec(_Strict):
                                                   "whose output is the network's output, found by running it once")
     features: Optional[str] = Field(None, description="layer whose output gives features ('<layer>:input' for its input); "
                                                       "default: the input of the head")
+    check: bool = Field(True, description="a teacher sharing the data's labels: refuse it when another obvious input "
+                                          "convention (standardised, 0..255, NHWC) scores far better on the training data")
 
     @model_validator(mode="before")
     @classmethod

@@ -142,7 +142,8 @@ def _alternatives(teacher: FrozenNetwork, ctx: MethodContext, idx: torch.Tensor)
     """The obvious conventions other than the stated one: the data as loaded, standardised with the training set's
     statistics, scaled to 0..255, and the other image layout (NHWC <-> NCHW)."""
     net_norm = getattr(teacher, "net_norm", None)
-    as_loaded = InputAdapter(None, None, teacher.adapter.spec)  # the data as loaded, mapped as the spec says
+    device = teacher.adapter.net_mean.device
+    as_loaded = InputAdapter(None, None, teacher.adapter.spec).to(device)  # the data as loaded, mapped as the spec says
     setting = "set teacher_normalize={} (method.teacher.normalize in YAML)"
     out: List[Convention] = []
     if net_norm is not None:
@@ -152,11 +153,10 @@ def _alternatives(teacher: FrozenNetwork, ctx: MethodContext, idx: torch.Tensor)
         if method_norm is not None and teacher.adapter.spec.model_dump(exclude_defaults=True) == {}:
             mean, std = list(method_norm["mean"]), list(method_norm["std"])
         else:
-            sample = torch.cat([as_loaded(ctx.train.x[idx[i:i + PROBE_BATCH]]) for i in range(0, len(idx), PROBE_BATCH)])
+            sample = torch.cat([as_loaded(ctx.train.x[idx[i:i + PROBE_BATCH]].to(device)).cpu() for i in range(0, len(idx), PROBE_BATCH)])
             mean, std = channel_stats(sample)
-        m, s = torch.tensor(mean), torch.tensor(std)
         out.append(Convention("standardised with the training set's mean/std",
-                              lambda raw, xm: (as_loaded(raw) - channel_view(m, raw)) / channel_view(s, raw),
+                              lambda raw, xm: (as_loaded(raw) - channel_view(mean, raw)) / channel_view(std, raw),
                               setting.format(_norm_text(mean, std))))
     out.append(Convention("scaled to 0..255", lambda raw, xm: as_loaded(raw) * 255.0,
                           setting.format("{'mean': [0.0], 'std': [" + repr(1 / 255) + "]}")))
@@ -173,6 +173,7 @@ def probe_teacher(teacher: FrozenNetwork, ctx: MethodContext, compare: bool = Tr
     """(ProbeResult, the far better convention or None): the teacher's accuracy on up to ``PROBE_SIZE`` labelled
     training samples as the method feeds it, and, with ``compare``, under each alternative convention."""
     train = ctx.train
+    device = next((b.device for b in teacher.buffers()), torch.device("cpu"))
     idx = _probe_indices(len(train.y))
     tf = getattr(ctx, "transform", None)
     y, latents = train.y[idx], (train.latents[idx] if train.latents is not None else None)
@@ -183,9 +184,10 @@ def probe_teacher(teacher: FrozenNetwork, ctx: MethodContext, compare: bool = Tr
         total = torch.zeros(2, dtype=torch.long)
         for i in range(0, len(idx), PROBE_BATCH):
             j = idx[i:i + PROBE_BATCH]
-            raw = train.x[j]
+            raw = train.x[j].to(device)
             xm = tf(raw, train=False) if tf is not None else raw
             out = teacher(xm) if feed is None else teacher.net(feed(raw, xm))
+            out = [o.cpu() for o in out] if isinstance(out, (list, tuple)) else out.cpu()
             lat = latents[i:i + PROBE_BATCH] if latents is not None else None
             total += _correct(out, train.y[j], lat, teacher, ctx.tasks)
         return float(total[0]) / max(1, int(total[1]))
@@ -209,7 +211,12 @@ def probe_teacher(teacher: FrozenNetwork, ctx: MethodContext, compare: bool = Tr
 def check_input_convention(teacher: FrozenNetwork, ctx: MethodContext, where: str, compare: bool = True) -> None:
     """Scores the teacher on a labelled probe of the training data (kept as ``teacher.probe_accuracy``); a teacher
     that another obvious convention serves far better (:func:`far_better`) is refused in one line naming the fix."""
-    result, best = probe_teacher(teacher, ctx, compare)
+    device = getattr(ctx, "device", None) or torch.device("cpu")
+    teacher.to(device)  # the probe runs where training will (a big teacher on CPU would take minutes)
+    try:
+        result, best = probe_teacher(teacher, ctx, compare)
+    finally:
+        teacher.to("cpu")
     teacher.probe_accuracy = result.accuracy
     teacher.probe = result.to_json()
     if best is not None:

@@ -179,6 +179,14 @@ def _frozen_ref(net: Network, kind: str, normalize=None) -> Union[str, Dict[str,
     return ref
 
 
+def _teacher_ref(teacher: Network, normalize, check: bool) -> Union[str, Dict[str, Any]]:
+    """A teacher for a method config; ``check=False`` skips the check of its input convention on the training data."""
+    ref = _frozen_ref(teacher, "teacher", normalize)
+    if check:
+        return ref
+    return {**({"path": ref} if isinstance(ref, str) else ref), "check": False}
+
+
 def _model_config(model: Network, kind: str, default: Dict[str, Any]) -> Dict[str, Any]:
     """A trainable network: a registered name or spec string, ``{name, kwargs}``, or a Python class / factory /
     module (a module is copied; a class or factory gives a fresh, seeded initialisation each run)."""
@@ -239,8 +247,8 @@ def _common(name, seed, epochs, batch_size, lr, optimizer, weight_decay, device,
 
 
 def factorize(teacher: Network, data: Data, *, test: Data = None, tasks: Any = 2, ckn: Network = None, tsn: Network = None,
-              teacher_normalize=None, classes: Optional[Sequence[str]] = None, test_fraction: float = 0.2, split_seed: int = 0,
-              normalize: bool = True, augment: Optional[Dict[str, Any]] = None, options: Optional[Dict[str, Any]] = None,
+              teacher_normalize=None, check_teacher: bool = True, classes: Optional[Sequence[str]] = None, test_fraction: float = 0.2,
+              split_seed: int = 0, normalize: bool = True, augment: Optional[Dict[str, Any]] = None, options: Optional[Dict[str, Any]] = None,
               epochs: int = 20, batch_size: int = 64, lr: Optional[float] = None, optimizer: str = "sgd",
               weight_decay: Optional[float] = None, seed: int = 0, name: str = "kf", run_dir=None, out_dir="runs",
               device: str = "auto", progress: str = "auto", overrides: Sequence[str] = (), resume: bool = False,
@@ -261,7 +269,7 @@ def factorize(teacher: Network, data: Data, *, test: Data = None, tasks: Any = 2
     data_cfg["tasks"] = _tasks_config(tasks)
     cfg = _common(name, seed, epochs, batch_size, lr, optimizer, weight_decay, device, progress, out_dir)
     cfg.update(data=data_cfg, model=_model_config(ckn, "ckn", ckn_default),
-               method={"name": "kf", "teacher": _frozen_ref(teacher, "teacher", teacher_normalize),
+               method={"name": "kf", "teacher": _teacher_ref(teacher, teacher_normalize, check_teacher),
                        "tsn": _model_config(tsn, "tsn", tsn_default), **(options or {})})
     summary, method, exp, path = _run(cfg, overrides, run_dir, resume, overwrite)
     bricks = {"ckn": path / "bricks" / "ckn.json", **{t.name: path / "bricks" / f"tsn-{t.name}.json" for t in exp.tasks}}
@@ -272,7 +280,8 @@ DISTILLATION = ("kd", "sskt", "dml", "maxl", "supervised")
 
 
 def distill(data: Data, *, method: str = "kd", teacher: Network = None, sources: Optional[Sequence[Network]] = None,
-            student: Network = None, test: Data = None, teacher_normalize=None, classes: Optional[Sequence[str]] = None,
+            student: Network = None, test: Data = None, teacher_normalize=None, check_teacher: bool = True,
+            classes: Optional[Sequence[str]] = None,
             test_fraction: float = 0.2, split_seed: int = 0, normalize: bool = True, augment: Optional[Dict[str, Any]] = None,
             options: Optional[Dict[str, Any]] = None, epochs: int = 20, batch_size: int = 64, lr: Optional[float] = None,
             optimizer: str = "sgd", weight_decay: Optional[float] = None, seed: int = 0, name: Optional[str] = None, run_dir=None,
@@ -288,7 +297,7 @@ def distill(data: Data, *, method: str = "kd", teacher: Network = None, sources:
     if method == "kd":
         if teacher is None:
             raise ConfigError("distill(method='kd') needs a teacher")
-        params["teacher"] = _frozen_ref(teacher, "teacher", teacher_normalize)
+        params["teacher"] = _teacher_ref(teacher, teacher_normalize, check_teacher)
     elif teacher is not None:
         raise ConfigError(f"method {method!r} takes no teacher" + (" (SSKT takes sources=[...])" if method == "sskt" else ""))
     if method == "sskt":

@@ -79,6 +79,11 @@ class Method(nn.Module):
         """The network to ship after training (auxiliary parts dropped)."""
         return self
 
+    def teacher_probe(self) -> Optional[Dict]:
+        """The teacher's accuracy on a labelled probe of the training data, as measured at load (``{accuracy, samples,
+        chance, alternatives}``), for the run summary; None for a method without a teacher."""
+        return getattr(getattr(self, "teacher", None), "probe", None) or None
+
     def hooks(self) -> List[Hook]:
         """Extra hooks this method adds to its run (artefacts, reports). Default: none."""
         return []

@@ -1,10 +1,16 @@
-"""Reading the files a network spec can name: TorchScript archives and weights (no pickle anywhere)."""
+"""Reading the files a network spec can name: TorchScript archives and weights (no pickle anywhere).
+
+Every zip archive (TorchScript, ``torch.save``) has its CRCs checked before it is used: ``torch.jit.load`` does not,
+so a flipped byte inside a weight tensor would load silently. A truncated archive, a pickled object and weights of
+another kind of dtype than the network's are refused in one line.
+"""
 
 from __future__ import annotations
 
+import re
 import zipfile
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 from torch import nn
@@ -12,11 +18,21 @@ from torch import nn
 from ..core.checkpoint import load_safetensors
 from ..errors import CheckpointError, ConfigError
 
+ZIP_MAGIC = b"PK\x03\x04"
+
 
 def exception_line(exc: BaseException) -> str:
     """``Type: first line of the message`` (at most 300 characters), for one-line errors."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
+
+
+def starts_like_zip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == ZIP_MAGIC
+    except OSError:
+        return False
 
 
 def is_torchscript_archive(path: Path) -> bool:
@@ -27,21 +43,70 @@ def is_torchscript_archive(path: Path) -> bool:
         return False
 
 
+def is_broken_archive(path: Path) -> bool:
+    """A file that starts as a zip archive (TorchScript, torch.save) but whose directory cannot be read: cut short."""
+    if not starts_like_zip(path):
+        return False
+    try:
+        with zipfile.ZipFile(path):
+            return False
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return True
+
+
+def archive_problem(path: Path, what: str) -> Optional[str]:
+    """Why the zip archive at ``path`` cannot be trusted: unreadable (truncated) or a member whose CRC does not match
+    (corrupt); None when every member reads back intact."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        return f"{what} {path} is truncated or corrupt (not a complete zip archive: {exception_line(exc)}); copy or save it again"
+    except Exception as exc:  # zlib errors inside a compressed member
+        return f"{what} {path} is corrupt ({exception_line(exc)}); copy or save it again"
+    if bad is not None:
+        return f"{what} {path}: file is corrupt (CRC mismatch in {bad}); copy or save it again"
+    return None
+
+
 def load_torchscript(path: str, where: str) -> nn.Module:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{where}: {path!r} does not exist (expected a kbricks run directory, model.json, a TorchScript file "
                           "or an import path package.module:factory)")
+    if is_broken_archive(p):
+        raise CheckpointError(f"{where}: {archive_problem(p, 'TorchScript file')}")
     if not is_torchscript_archive(p):
         raise ConfigError(
             f"{where}: {path} is not a TorchScript file; a torch.save state_dict or pickled model is not a network on its own: "
             "save it with torch.jit.save(torch.jit.script(net)), or give its architecture as an import path "
             f"{{path: package.module:Factory, weights: {path}}}")
+    problem = archive_problem(p, "TorchScript file")
+    if problem:
+        raise CheckpointError(f"{where}: {problem}")
     try:
-        return torch.jit.load(str(p), map_location="cpu")
+        return torch.jit.load(str(p), map_location="cpu").eval()
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{where}: TorchScript file {path} is corrupt or unreadable ({first})") from None
+        raise CheckpointError(f"{where}: TorchScript file {path} is corrupt or unreadable ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def unpickling_refusal(exc: BaseException, path: str) -> Optional[str]:
+    """The refusal of a file ``torch.load(weights_only=True)`` would need code to read (a pickled model or any other
+    object), without torch's advice to switch the protection off; None for other errors."""
+    text = str(exc)
+    if "Weights only load failed" not in text and "Unsupported global" not in text and "GLOBAL" not in text:
+        return None
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    holds = f" (it refers to {named.group(1)})" if named else ""
+    return (f"{path} needs code to unpickle{holds}: kbricks reads torch.save files with weights_only=True and loads only "
+            "weights (.safetensors, or a state_dict of tensors), TorchScript files and kbricks runs, never pickled objects; "
+            "save net.state_dict() instead "
+            "(safetensors.torch.save_file or torch.save), or the network with torch.jit.save(torch.jit.script(net))")
 
 
 def load_weights(path: str, key: Optional[str], where: str) -> Dict[str, torch.Tensor]:
@@ -53,12 +118,18 @@ def load_weights(path: str, key: Optional[str], where: str) -> Dict[str, torch.T
         return load_safetensors(p)
     if is_torchscript_archive(p):
         raise ConfigError(f"{where}: weights file {path} is a TorchScript network; give it as the path itself, without an import path")
+    if starts_like_zip(p):
+        problem = archive_problem(p, "weights file")
+        if problem:
+            raise CheckpointError(f"{where}: {problem}")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{where}: {path} cannot be read with weights_only=True (a state_dict of tensors is expected; "
-                              f"pickled models are refused): {first[:200]}") from None
+        refusal = unpickling_refusal(exc, path)
+        if refusal:
+            raise CheckpointError(f"{where}: {refusal}") from None
+        raise CheckpointError(f"{where}: {path} cannot be read as weights (a .safetensors file or a torch.save state_dict of "
+                              f"tensors is expected): {_first_line(exc)}") from None
     if key is not None:
         if not isinstance(state, dict) or key not in state:
             found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
@@ -69,3 +140,25 @@ def load_weights(path: str, key: Optional[str], where: str) -> Dict[str, torch.T
         raise CheckpointError(f"{where}: {path} is not a state_dict of tensors (non-tensor entries: {found}); "
                               "set weights_key to the entry that holds it")
     return state
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "integer"
+
+
+def check_weight_dtypes(module: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
+    """Weights whose dtype is of another kind than the network's tensor (integer or bool values for a float weight,
+    or the reverse) would be cast silently by ``load_state_dict``: refused in one line naming them. Floating-point
+    precisions (float16 / bfloat16 / float64 into float32) load as they always have: a cast that keeps the values."""
+    own = module.state_dict()
+    wrong = [f"{k}: {str(v.dtype).removeprefix('torch.')} in the file, {str(own[k].dtype).removeprefix('torch.')} in the network"
+             for k, v in state.items()
+             if k in own and isinstance(own[k], torch.Tensor) and _dtype_kind(v.dtype) != _dtype_kind(own[k].dtype)]
+    if wrong:
+        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise CheckpointError(f"{where}: weights of the wrong dtype would be cast silently: {'; '.join(wrong[:3])}{more}; "
+                              "save the network's own state_dict (tensors of its dtypes)")

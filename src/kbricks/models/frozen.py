@@ -46,6 +46,10 @@ class FrozenNetwork(nn.Module):
         self._tap: Optional[FeatureTap] = None
         self.num_outputs = num_outputs
         self.card: Dict[str, Any] = {}
+        self.net_norm = net_norm
+        self.source_kind: Optional[str] = None  # what the spec named: kbricks, torchscript, import, zoo, memory
+        self.probe_accuracy: Optional[float] = None  # accuracy on a labelled probe of the training data (teachers)
+        self.probe: Dict[str, Any] = {}
         self.net.eval()
 
     def train(self, mode: bool = True) -> "FrozenNetwork":
@@ -81,6 +85,7 @@ def load_frozen(ref: NetworkRef, input_norm: Optional[Dict[str, Any]] = None, ex
     frozen = FrozenNetwork(opened.module, opened.normalize, input_norm, opened.task_names, spec.input, spec.feature_layer)
     frozen.card = opened.card
     frozen.spec = spec
+    frozen.source_kind = opened.kind
     if example is not None:
         check_frozen(frozen, example, opened.input_shape, f"{where} ({spec.describe()})")
     return frozen

@@ -19,7 +19,7 @@ from ..data.base import input_shape_of
 from ..errors import CheckpointError, ConfigError
 from ..registry import OBJECTS
 from ._factory import ZooFactory, call_factory, check_factory_kwargs, class_count_hint, import_object, zoo_factory
-from ._files import load_torchscript, load_weights
+from ._files import check_weight_dtypes, load_torchscript, load_weights
 from ._probe import check_built
 from .base import MODELS, Classifier
 from .card import read_model_card
@@ -109,7 +109,11 @@ def open_spec(spec: NetworkSpec, trainable: bool, where: str, shape: Optional[Di
     if not isinstance(module, nn.Module):
         raise ConfigError(f"{where}: {spec.path} gave a {type(module).__name__}, not an nn.Module")
     if spec.weights:
-        load_state_into(module, load_weights(spec.weights, spec.weights_key, where), f"network {spec.path} ({where})")
+        state = load_weights(spec.weights, spec.weights_key, where)
+        check_weight_dtypes(module, state, f"{where}: {spec.weights}")
+        load_state_into(module, state, f"network {spec.path} ({where})")
+    if not trainable:
+        module.eval()  # a trained network is handed on in eval mode (its running statistics are not updated by use)
     card = {"source": spec.to_json(), "kind": kind, "fingerprint": fingerprint(module.state_dict()) if len(module.state_dict()) else None}
     return Opened(module, kind, _norm_of(spec), card, factory=factory)
 
@@ -185,14 +189,14 @@ def build_from_card(card: Dict[str, Any]) -> nn.Module:
 
 
 def load_trained_model(path, verify: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
-    """The classifier of a kbricks run; with ``verify`` its weights must hash to the card's fingerprint."""
+    """The classifier of a kbricks run, in eval mode; with ``verify`` its weights must hash to the card's fingerprint."""
     card, folder = read_model_card(path)
     net, tensors = build_from_card(card), load_safetensors(folder / "model.safetensors")
     if verify and card.get("fingerprint") is not None and fingerprint(tensors) != card["fingerprint"]:
         raise CheckpointError(f"{folder / 'model.safetensors'} does not match the fingerprint in {folder / 'model.json'} "
                               "(modified or corrupt): refusing it")
     load_state_into(net, tensors, f"model described by {folder / 'model.json'}")
-    return net, card
+    return net.eval(), card
 
 
 __all__: Sequence[str] = ["Opened", "open_spec", "create_model", "build_backbone", "check_network_name", "build_from_card",

@@ -19,17 +19,18 @@ found by running the network (:mod:`kbricks.models.taps`).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from ..errors import ConfigError
 from ..registry import ObjectStore
-from ._files import is_torchscript_archive
+from ._files import is_broken_archive, is_torchscript_archive
 
 
 class _Strict(BaseModel):
@@ -45,8 +46,10 @@ class NormalizeSpec(_Strict):
 
     @model_validator(mode="after")
     def _positive(self) -> "NormalizeSpec":
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"std must be positive, got {self.std}")
+        if not all(math.isfinite(m) for m in self.mean):
+            raise ValueError(f"mean must be finite numbers, got {self.mean}")
+        if not all(math.isfinite(s) and s > 0 for s in self.std):  # nan <= 0 is False: test what is allowed
+            raise ValueError(f"std must be finite positive numbers (the inputs are divided by it), got {self.std}; give the statistics the network was trained with")
         if len(self.mean) != len(self.std) and 1 not in (len(self.mean), len(self.std)):
             raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
         return self
@@ -78,7 +81,8 @@ def path_kind(path: str) -> str:
     if p.is_dir() or path.endswith(".json"):
         return "kbricks"
     if p.is_file():
-        return "torchscript" if is_torchscript_archive(p) else "weights"
+        # a zip archive cut short can only be meant as a network here: opening it says it is truncated
+        return "torchscript" if is_torchscript_archive(p) or is_broken_archive(p) else "weights"
     if IMPORT_PATH.fullmatch(path):
         return "import"
     return "missing"
@@ -105,6 +109,21 @@ class NetworkSpec(_Strict):
                                                   "whose output is the network's output, found by running it once")
     features: Optional[str] = Field(None, description="layer whose output gives features ('<layer>:input' for its input); "
                                                       "default: the input of the head")
+    check: bool = Field(True, description="a teacher sharing the data's labels: refuse it when another obvious input "
+                                          "convention (standardised, 0..255, NHWC) scores far better on the training data")
+
+    @field_validator("normalize", mode="before")
+    @classmethod
+    def _normalize_problem(cls, value: Any) -> Any:
+        """A bad {mean, std} gets its own one-line error (not the union's 'Input should be none')."""
+        if isinstance(value, dict):
+            try:
+                return NormalizeSpec.model_validate(value)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                field = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"{field + ': ' if field else ''}{first['msg'].removeprefix('Value error, ')}") from None
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -125,6 +144,9 @@ class NetworkSpec(_Strict):
             return (f"{self.path} is not a TorchScript file (a torch.save state_dict or pickled model is not a network on its "
                     "own): save the network with torch.jit.save(torch.jit.script(net)), or give its architecture as an import "
                     f"path with these weights: {{path: package.module:Factory, weights: {self.path}, normalize: ...}}")
+        if kind == "torchscript" and is_broken_archive(Path(self.path)):
+            return (f"{self.path} is a truncated or corrupt TorchScript file (a zip archive cut short: its directory is missing); "
+                    "copy or save it again")
         if kind == "kbricks" and self.normalize is not None:
             return f"{self.path} is a kbricks run: it records its own input normalisation; remove normalize"
         if kind in ("torchscript", "import", "zoo") and self.normalize is None:
@@ -165,4 +187,5 @@ def as_spec(ref: NetworkRef, where: str = "network") -> NetworkSpec:
         return NetworkSpec.model_validate(ref)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise ConfigError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+        field = "".join(f".{p}" for p in first["loc"] if isinstance(p, str))
+        raise ConfigError(f"{where}{field}: {first['msg'].removeprefix('Value error, ')}") from None

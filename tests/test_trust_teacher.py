@@ -123,6 +123,7 @@ def test_standardised_teacher_without_its_normalize_is_refused_with_the_fix(digi
     fac = _run(tmp_path, "fixed", digits, teacher, method="kf", teacher_normalize={"mean": [0.3055], "std": [0.3761]})
     assert fac.method.teacher.probe_accuracy > 0.98
     assert fac.method.teacher_probe()["samples"] == 512
+    assert fac.summary["teacher_probe"]["accuracy"] == fac.method.teacher.probe_accuracy  # reported in results.json
     # the explicit opt-out trains, and still records what the teacher scored
     fac = _run(tmp_path, "unchecked", digits, teacher, method="kf", check_teacher=False)
     assert fac.method.teacher.probe_accuracy == pytest.approx(stated / 100, abs=1e-3)
@@ -245,9 +246,13 @@ def test_weights_of_another_dtype_are_refused(files, fmt):
     msg = _one_line_error(exc)
     assert f"method.teacher: {path}: weights of the wrong dtype" in msg
     assert "1.bias: int32 in the file, float32 in the network" in msg and "1.weight: int32 in the file, float32" in msg
-    # float precisions keep their values: a float64 state_dict loads
-    torch.save({k: v.double() for k, v in files.state_dict().items()}, "w64.pt")
-    frozen = load_frozen({"path": "trust_nets:make", "weights": "w64.pt", "normalize": "none"}, None, torch.rand(2, 1, 8, 8))
+    # another float precision is a cast too: refused, with the conversion to write; converted, it loads and is exact
+    doubles = {k: v.double() for k, v in files.state_dict().items()}
+    torch.save(doubles, "w64.pt")
+    with pytest.raises(CheckpointError, match="1.weight: float64 in the file, float32 in the network"):
+        load_frozen({"path": "trust_nets:make", "weights": "w64.pt", "normalize": "none"}, where="method.teacher")
+    torch.save({k: v.float() for k, v in doubles.items()}, "w32.pt")
+    frozen = load_frozen({"path": "trust_nets:make", "weights": "w32.pt", "normalize": "none"}, None, torch.rand(2, 1, 8, 8))
     x = torch.rand(3, 1, 8, 8)
     assert torch.allclose(frozen(x), files(x), atol=1e-6)
 

@@ -207,7 +207,8 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
             msg = "required key is missing"
         else:
             got = err.get("input")
-            msg = f"{err['msg']} (got {got!r})" if not isinstance(got, dict) else err["msg"]
+            text = err["msg"].removeprefix("Value error, ")  # our validators' own one-line messages
+            msg = f"{text} (got {got!r})" if not isinstance(got, dict) and err["type"] != "value_error" else text
         lines.append(f"{path or '<root>'}: {msg}")
     if len(lines) == 1:
         return f"invalid config: {lines[0]}"

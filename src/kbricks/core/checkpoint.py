@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -23,6 +24,31 @@ def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
     atomic_write_bytes(Path(path), lambda f: torch.save(payload, f), what="the checkpoint")
 
 
+def unpickling_refusal(exc: BaseException, path: str) -> Optional[str]:
+    """The refusal of a file ``torch.load(weights_only=True)`` would need code to read (a pickled model or any other
+    object), without torch's advice to switch the protection off; None for other errors."""
+    text = str(exc)
+    if "Unsupported global" not in text and "GLOBAL" not in text:  # garbage bytes are corrupt, not code
+        return None
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    holds = f" (it refers to {named.group(1)})" if named else ""
+    return (f"{path} needs code to unpickle{holds}: kbricks reads torch.save files with weights_only=True and loads only "
+            "weights (.safetensors, or a state_dict of tensors), TorchScript files and kbricks runs, never pickled objects; "
+            "save net.state_dict() instead "
+            "(safetensors.torch.save_file or torch.save), or the network with torch.jit.save(torch.jit.script(net))")
+
+
+def torch_load_detail(exc: BaseException) -> str:
+    """What ``torch.load(weights_only=True)`` could not read, in one line, without torch's preamble (which advises
+    switching the protection off)."""
+    text = str(exc)
+    if "Weights only load failed" not in text:
+        return first_line(exc, with_type=True)
+    skip = ("Weights only load failed", "Please file an issue", "Check the documentation", "Re-running")
+    detail = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(skip)]
+    return detail[0] if detail else "an unreadable pickle stream"
+
+
 def load_checkpoint(path: Path) -> Dict[str, Any]:
     path = Path(path)
     if not path.exists():
@@ -30,7 +56,10 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a kbricks checkpoint ({first_line(exc)})") from None
+        refusal = unpickling_refusal(exc, str(path))
+        if refusal:
+            raise CheckpointError(f"checkpoint {refusal}") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a kbricks checkpoint ({torch_load_detail(exc)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a kbricks checkpoint (no {FORMAT!r} marker)")
     return state

@@ -130,6 +130,7 @@ class Trainer:
         return summary
 
     def summarize(self, last: Dict[str, Any], seconds: float) -> Dict[str, Any]:
+        probe = self.method.teacher_probe()  # the teacher's accuracy on the training data, measured at load
         return {
             "name": self.cfg.name,
             "seed": self.cfg.seed,
@@ -139,6 +140,7 @@ class Trainer:
             "params": count_parameters(self.method.export_module()),
             "train_seconds_this_session": round(seconds, 2),
             "world_size": dist.world_size(),
+            **({"teacher_probe": probe} if probe is not None else {}),
         }
 
     def export(self, summary: Dict[str, Any]) -> None:

@@ -7,7 +7,6 @@ another kind of dtype than the network's are refused in one line.
 
 from __future__ import annotations
 
-import re
 import zipfile
 from pathlib import Path
 from typing import Dict, Mapping, Optional
@@ -15,7 +14,8 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from ..core.checkpoint import load_safetensors
+from ..core.checkpoint import load_safetensors, torch_load_detail, unpickling_refusal
+from ..core.io import first_line
 from ..errors import CheckpointError, ConfigError
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -23,8 +23,7 @@ ZIP_MAGIC = b"PK\x03\x04"
 
 def exception_line(exc: BaseException) -> str:
     """``Type: first line of the message`` (at most 300 characters), for one-line errors."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
+    return first_line(exc, with_type=True)
 
 
 def starts_like_zip(path: Path) -> bool:
@@ -87,26 +86,7 @@ def load_torchscript(path: str, where: str) -> nn.Module:
     try:
         return torch.jit.load(str(p), map_location="cpu").eval()
     except Exception as exc:
-        raise CheckpointError(f"{where}: TorchScript file {path} is corrupt or unreadable ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
-def unpickling_refusal(exc: BaseException, path: str) -> Optional[str]:
-    """The refusal of a file ``torch.load(weights_only=True)`` would need code to read (a pickled model or any other
-    object), without torch's advice to switch the protection off; None for other errors."""
-    text = str(exc)
-    if "Weights only load failed" not in text and "Unsupported global" not in text and "GLOBAL" not in text:
-        return None
-    named = re.search(r"GLOBAL ([\w.]+)", text)
-    holds = f" (it refers to {named.group(1)})" if named else ""
-    return (f"{path} needs code to unpickle{holds}: kbricks reads torch.save files with weights_only=True and loads only "
-            "weights (.safetensors, or a state_dict of tensors), TorchScript files and kbricks runs, never pickled objects; "
-            "save net.state_dict() instead "
-            "(safetensors.torch.save_file or torch.save), or the network with torch.jit.save(torch.jit.script(net))")
+        raise CheckpointError(f"{where}: TorchScript file {path} is corrupt or unreadable ({first_line(exc, 200)})") from None
 
 
 def load_weights(path: str, key: Optional[str], where: str) -> Dict[str, torch.Tensor]:
@@ -129,7 +109,7 @@ def load_weights(path: str, key: Optional[str], where: str) -> Dict[str, torch.T
         if refusal:
             raise CheckpointError(f"{where}: {refusal}") from None
         raise CheckpointError(f"{where}: {path} cannot be read as weights (a .safetensors file or a torch.save state_dict of "
-                              f"tensors is expected): {_first_line(exc)}") from None
+                              f"tensors is expected): {torch_load_detail(exc)}") from None
     if key is not None:
         if not isinstance(state, dict) or key not in state:
             found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
@@ -142,23 +122,15 @@ def load_weights(path: str, key: Optional[str], where: str) -> Dict[str, torch.T
     return state
 
 
-def _dtype_kind(dtype: torch.dtype) -> str:
-    if dtype == torch.bool:
-        return "bool"
-    if dtype.is_complex:
-        return "complex"
-    return "float" if dtype.is_floating_point else "integer"
-
-
 def check_weight_dtypes(module: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
-    """Weights whose dtype is of another kind than the network's tensor (integer or bool values for a float weight,
-    or the reverse) would be cast silently by ``load_state_dict``: refused in one line naming them. Floating-point
-    precisions (float16 / bfloat16 / float64 into float32) load as they always have: a cast that keeps the values."""
+    """Weights whose dtype differs from the network's tensor would be cast silently by ``load_state_dict``
+    (integers into a float network, and float64 / float16 precision too): refused in one line naming them, as
+    :func:`kbricks.core.checkpoint.load_state_into` refuses them in checkpoints."""
     own = module.state_dict()
     wrong = [f"{k}: {str(v.dtype).removeprefix('torch.')} in the file, {str(own[k].dtype).removeprefix('torch.')} in the network"
              for k, v in state.items()
-             if k in own and isinstance(own[k], torch.Tensor) and _dtype_kind(v.dtype) != _dtype_kind(own[k].dtype)]
+             if k in own and isinstance(own[k], torch.Tensor) and v.dtype != own[k].dtype]
     if wrong:
         more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
         raise CheckpointError(f"{where}: weights of the wrong dtype would be cast silently: {'; '.join(wrong[:3])}{more}; "
-                              "save the network's own state_dict (tensors of its dtypes)")
+                              "convert them (e.g. {k: v.float() for k, v in state.items()}) and save again")

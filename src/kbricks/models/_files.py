@@ -44,6 +44,14 @@ def load_torchscript(path: str, where: str) -> nn.Module:
         raise CheckpointError(f"{where}: TorchScript file {path} is corrupt or unreadable ({first})") from None
 
 
+def load_exported(path: str, where: str) -> nn.Module:
+    """A ``torch.export.save`` file's network, its archive checked for pickled parts first (:mod:`.exported`)."""
+    from .exported import open_exported
+
+    if not Path(path).exists():
+        raise ConfigError(f"{where}: {path!r} does not exist")
+    return open_exported(path, where)
+
 def load_weights(path: str, key: Optional[str], where: str) -> Dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or from a ``torch.save`` file read with ``weights_only=True`` (no pickle)."""
     p = Path(path)

@@ -111,8 +111,8 @@ def _cmd_options(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .engine.export import check_export_target, export, format_for, load_network, random_input
 
-    format_for(args.out, args.format)  # a bad name or an existing file fails before the network is loaded
-    check_export_target(Path(args.out), args.overwrite)
+    check_export_target(Path(args.out), args.overwrite)  # an existing file or a bad name fails before the network is loaded
+    format_for(args.out, args.format)
     net = load_network(args.source)
     x = random_input(net, batch=args.batch, shape=args.input_shape)
     _print(export(net, Path(args.out), format=args.format, example_input=x, atol=args.atol, torchscript=args.torchscript,

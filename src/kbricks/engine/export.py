@@ -229,10 +229,10 @@ def export(
     normalisation, outputs, classes, fingerprint) as metadata (torch.export and TorchScript: extra file
     ``kbricks.json``; ONNX: metadata property ``kbricks``)."""
     path = Path(path)
+    check_export_target(path, overwrite)
     format = format_for(path, format)
     if torchscript not in ("auto", "script", "trace"):
         raise KbricksError(f"torchscript must be 'auto', 'script' or 'trace', not {torchscript!r}")
-    check_export_target(path, overwrite)
     if not isinstance(net, nn.Module):
         net = load_network(net)
     was_training = net.training

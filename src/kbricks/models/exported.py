@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import zipfile
 from pathlib import Path
@@ -84,40 +85,47 @@ def check_exported_archive(path: Path, where: str) -> None:
     root = archive_root(path)
     if root is None:
         raise ConfigError(f"{where}: {path} is not a torch.export archive (save one with torch.export.save(torch.export.export(net, (x,)), 'net.pt2'))")
-    refuse = f"{where}: {path} is refused: "
-    with zipfile.ZipFile(path) as z:
-        names = {n[len(root) + 1:] for n in z.namelist() if n.startswith(root + "/")}
-        if any(n.startswith(_AOTI) for n in names):
-            raise CheckpointError(refuse + "it holds AOTInductor compiled code (native libraries); kbricks opens exported programs only")
-        if any(n.startswith("serialized_") for n in z.namelist()) or "version" in z.namelist():
-            raise CheckpointError(refuse + "it is torch.export's pre-2.7 pickled format; export the network again with a current torch")
-        models = [n[len(_MODELS):-len(".json")] for n in names if n.startswith(_MODELS) and n.endswith(".json")]
-        if not models:
-            raise CheckpointError(f"{where}: {path} holds no exported program (models/*.json)")
-        symbols: Set[str] = set()
-        exprs = []
-        for m in models:
-            for folder in (_WEIGHTS, _CONSTANTS):
-                if f"{folder}{m}.pt" in names:
-                    raise CheckpointError(refuse + f"its {folder}{m}.pt is a pickled (legacy) state dict; export the network again")
-                kind = "weights" if folder == _WEIGHTS else "constants"
-                config_name = f"{root}/{folder}{m}_{kind}_config.json"
-                config = json.loads(z.read(config_name)).get("config", {}) if config_name[len(root) + 1:] in names else {}
-                for fqn, payload in config.items():
-                    if payload.get("use_pickle") or str(payload.get("path_name", "")).startswith(_PICKLED_CONSTANTS):
-                        raise CheckpointError(refuse + f"its entry {fqn!r} is a pickled object, which kbricks never unpickles")
-            samples = f"{_SAMPLES}{m}.pt"
-            if samples in names:
-                data = z.read(f"{root}/{samples}")
-                if data:
-                    try:
-                        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-                    except Exception:
-                        raise CheckpointError(refuse + "its sample inputs are not plain tensors (torch would unpickle them)") from None
-            graph = json.loads(z.read(f"{root}/{_MODELS}{m}.json"))
-            for expr in _strings_of(graph, "expr_str"):
-                symbols.update(a or b for a, b in _QUOTED.findall(expr))
-                exprs.append(expr)
+    try:
+        with zipfile.ZipFile(path) as z:
+            _inspect(z, root, f"{where}: {path} is refused: ", where, path)
+    except (ValueError, KeyError, AttributeError, TypeError, zipfile.BadZipFile, OSError) as exc:  # records cut or edited
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{where}: torch.export file {path} is corrupt or unreadable ({first})") from None
+
+
+def _inspect(z: zipfile.ZipFile, root: str, refuse: str, where: str, path: Path) -> None:
+    names = {n[len(root) + 1:] for n in z.namelist() if n.startswith(root + "/")}
+    if any(n.startswith(_AOTI) for n in names):
+        raise CheckpointError(refuse + "it holds AOTInductor compiled code (native libraries); kbricks opens exported programs only")
+    if any(n.startswith("serialized_") for n in z.namelist()) or "version" in z.namelist():
+        raise CheckpointError(refuse + "it is torch.export's pre-2.7 pickled format; export the network again with a current torch")
+    models = [n[len(_MODELS):-len(".json")] for n in names if n.startswith(_MODELS) and n.endswith(".json")]
+    if not models:
+        raise CheckpointError(f"{where}: {path} holds no exported program (models/*.json)")
+    symbols: Set[str] = set()
+    exprs = []
+    for m in models:
+        for folder in (_WEIGHTS, _CONSTANTS):
+            if f"{folder}{m}.pt" in names:
+                raise CheckpointError(refuse + f"its {folder}{m}.pt is a pickled (legacy) state dict; export the network again")
+            kind = "weights" if folder == _WEIGHTS else "constants"
+            config_name = f"{root}/{folder}{m}_{kind}_config.json"
+            config = json.loads(z.read(config_name)).get("config", {}) if config_name[len(root) + 1:] in names else {}
+            for fqn, payload in config.items():
+                if payload.get("use_pickle") or str(payload.get("path_name", "")).startswith(_PICKLED_CONSTANTS):
+                    raise CheckpointError(refuse + f"its entry {fqn!r} is a pickled object, which kbricks never unpickles")
+        samples = f"{_SAMPLES}{m}.pt"
+        if samples in names:
+            data = z.read(f"{root}/{samples}")
+            if data:
+                try:
+                    torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                except Exception:
+                    raise CheckpointError(refuse + "its sample inputs are not plain tensors (torch would unpickle them)") from None
+        graph = json.loads(z.read(f"{root}/{_MODELS}{m}.json"))
+        for expr in _strings_of(graph, "expr_str"):
+            symbols.update(a or b for a, b in _QUOTED.findall(expr))
+            exprs.append(expr)
     for expr in exprs:
         unknown = set(_NAME.findall(_QUOTED.sub("''", expr))) - _SYMPY_NAMES - symbols
         if unknown:
@@ -158,12 +166,17 @@ def load_program(path: Path, where: str, extra_files: Optional[Dict[str, str]] =
     ``torch.export.load``'s."""
     path = Path(path)
     check_exported_archive(path, where)
+    log = logging.getLogger("torch.export")
+    level = log.level
     try:
+        log.setLevel(logging.ERROR)  # torch logs a traceback before it raises; the error below is the one line
         with open(path, "rb") as f:  # a file object: torch expects a path to end in .pt2, kbricks reads any name
             program = torch.export.load(f, extra_files=extra_files)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{where}: torch.export file {path} is corrupt or unreadable ({first})") from None
+    finally:
+        log.setLevel(level)
     _check_operators(program, path, where)
     return program
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..core.checkpoint import load_safetensors
 from ..errors import CheckpointError, ConfigError
+from .exported import open_exported
 
 
 def exception_line(exc: BaseException) -> str:
@@ -46,11 +47,10 @@ def load_torchscript(path: str, where: str) -> nn.Module:
 
 def load_exported(path: str, where: str) -> nn.Module:
     """A ``torch.export.save`` file's network, its archive checked for pickled parts first (:mod:`.exported`)."""
-    from .exported import open_exported
-
     if not Path(path).exists():
         raise ConfigError(f"{where}: {path!r} does not exist")
     return open_exported(path, where)
+
 
 def load_weights(path: str, key: Optional[str], where: str) -> Dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or from a ``torch.save`` file read with ``weights_only=True`` (no pickle)."""

@@ -98,7 +98,7 @@ def main(argv=None):
     # normalisation); exported to TorchScript, it is checked against eager PyTorch before the file is written
     net = fac.assemble()
     exported = out / f"assembled-seed{args.seed}.pt"
-    kbricks.export(net, exported, format="torchscript", example_input=torch.from_numpy(x01_te[:16]))
+    kbricks.export(net, exported, format="torchscript", example_input=torch.from_numpy(x01_te[:16]), overwrite=True)
     exported_acc = kbricks.accuracy(torch.jit.load(str(exported)), x01_te, y_te)
     print(f"exported {exported}: accuracy {exported_acc:.4f}")
     result = {"teacher_acc": teacher_acc, "api": {"assembled_acc": assembled_acc, "exported_acc": exported_acc, "run_dir": str(fac.run_dir)}}

@@ -1,7 +1,8 @@
 """Deployable output: networks that take raw inputs (their normalisation inside), loaders that rebuild them from
-their files and check fingerprints, and TorchScript / ONNX exports that match eager PyTorch to 1e-5."""
+their files and check fingerprints, and torch.export / TorchScript / ONNX exports that match eager PyTorch to 1e-5."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -22,6 +23,7 @@ from kbricks.models.frozen import load_frozen
 
 RUN = {"optim": {"name": "adam", "lr": 0.01, "weight_decay": 0.0}, "train": {"batch_size": 64, "progress": "off", "plots": False}}
 DIGITS = {**RUN, "data": {"name": "digits", "train_subset": 512}}
+SUFFIX = {"export": ".pt2", "torchscript": ".pt", "onnx": ".onnx"}
 DSPRITES = {**RUN, "data": {"name": "dsprites", "kwargs": {"n_samples": 400, "image_size": 16, "num_orientations": 4, "num_positions": 4},
                             "tasks": {"latents": ["shape", "scale"]}}}
 TSN = {"tsn": {"name": "mlp", "kwargs": {"hidden": [16]}}, "tsn_dim": 4}
@@ -165,7 +167,10 @@ def _check_file(fmt, path, net, x):
     """Run an exported file independently of kbricks.export; compare with eager PyTorch."""
     with torch.no_grad():
         eager = net(x)
-    if fmt == "torchscript":
+    if fmt == "export":
+        with torch.no_grad():
+            got = torch.export.load(str(path)).module()(x)
+    elif fmt == "torchscript":
         with torch.no_grad():
             got = torch.jit.load(str(path))(x)
     else:
@@ -182,17 +187,17 @@ def _needs(fmt):
             pytest.importorskip(mod)
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("fmt", ["export", "torchscript", "onnx"])
 def test_class_union_exports_match_eager(digits, tmp_path, fmt):
     _needs(fmt)
     root, _, test = digits
-    suffix = ".pt" if fmt == "torchscript" else ".onnx"
+    suffix = SUFFIX[fmt]
     for which in (("0-1-2-3-4", "5-6-7-8-9"), ("5-6-7-8-9",)):  # the union of all classes; one brick (-inf elsewhere)
         net = kbricks.assemble(*_bricks(root, *which))
         out = tmp_path / f"asm-{len(which)}{suffix}"
         r = kbricks.export(net, out, format=fmt)
         assert r["max_abs_diff"] <= 1e-5 and r["outputs"] == ["scores"] and r["checked_batch_sizes"] == [2, 1, 5]
-        assert r["how"] == ("script" if fmt == "torchscript" else "onnx opset 18")
+        assert r["how"] == {"export": "torch.export, dynamic batch", "torchscript": "script", "onnx": "onnx opset 18"}[fmt]
         eager, got = _check_file(fmt, out, net, test.x)  # the whole raw test split, another batch size
         got = got[0] if isinstance(got, list) else got
         assert torch.equal(eager.argmax(1), got.argmax(1))
@@ -202,11 +207,11 @@ def test_class_union_exports_match_eager(digits, tmp_path, fmt):
         assert meta["classes"] == net.classes
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("fmt", ["export", "torchscript", "onnx"])
 def test_student_exports_match_eager(digits, tmp_path, fmt):
     _needs(fmt)
     root, _, test = digits
-    out = tmp_path / ("student.pt" if fmt == "torchscript" else "student.onnx")
+    out = tmp_path / f"student{SUFFIX[fmt]}"
     r = kbricks.export(root / "teacher", out, format=fmt)  # a run directory is loaded with load_model
     assert r["outputs"] == ["logits"] and r["max_abs_diff"] <= 1e-5
     _check_file(fmt, out, kbricks.load_model(root / "teacher"), test.x)
@@ -225,13 +230,13 @@ def dsprites_assembly(tmp_path_factory):
     return root, net
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("fmt", ["export", "torchscript", "onnx"])
 def test_latent_task_exports_match_eager(dsprites_assembly, tmp_path, fmt):
     """Assembled latent-task bricks (a CNN CKN) and a multi-head CNN student: one output per task."""
     _needs(fmt)
     root, net = dsprites_assembly
     x = load_data(DataConfig.model_validate(DSPRITES["data"])).test.x[:50]
-    suffix = ".pt" if fmt == "torchscript" else ".onnx"
+    suffix = SUFFIX[fmt]
     r = kbricks.export(root / "asm", tmp_path / f"latent{suffix}", format=fmt)  # from assembled.json + .safetensors
     assert r["outputs"] == ["logits_shape", "logits_scale"] and r["max_abs_diff"] <= 1e-5
     eager, got = _check_file(fmt, tmp_path / f"latent{suffix}", net, x)
@@ -285,3 +290,62 @@ def test_export_cli(digits, tmp_path, capsys):
     assert r["format"] == "torchscript" and r["checked_batch_sizes"] == [3, 1, 6] and (tmp_path / "asm.pt").exists()
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "y.pt")]) == 2
     assert "no deployable network" in capsys.readouterr().err
+
+
+def test_export_cli_never_replaces_a_file_unasked_and_writes_atomically(digits, tmp_path, capsys):
+    from kbricks.cli import main
+
+    root, _, _ = digits
+    out = tmp_path / "kd.pt2"
+    assert main(["export", str(root / "teacher"), "--out", str(out)]) == 0  # the format follows the suffix
+    r = json.loads(capsys.readouterr().out)
+    assert r["format"] == "export" and r["how"] == "torch.export, dynamic batch" and r["max_abs_diff"] <= 1e-5
+    before = out.read_bytes()
+    assert main(["export", str(root / "teacher"), "--out", str(out), "--batch", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"kbricks: error: {str(out)!r} already exists; refusing to replace it (add --overwrite, or overwrite=True in Python)"
+    assert out.read_bytes() == before
+    with pytest.raises(KbricksError, match="already exists; refusing to replace it"):
+        kbricks.export(root / "teacher", out)
+    assert main(["export", str(root / "teacher"), "--out", str(out), "--batch", "4", "--overwrite"]) == 0
+    assert json.loads(capsys.readouterr().out)["checked_batch_sizes"] == [4, 1, 7] and out.read_bytes() != before
+    assert main(["export", str(root / "teacher"), "--out", str(tmp_path / "kd.bin")]) == 2
+    assert "cannot tell the export format from the name 'kd.bin'" in capsys.readouterr().err
+    assert main(["export", str(root / "teacher"), "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert main(["export", str(root / "teacher"), "--out", str(tmp_path / "a-file" / "kd.pt2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the export's directory" in err[0] and "a-file" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "kd.pt2"]  # no temporary file left behind
+
+
+def test_export_to_a_read_only_directory_is_one_line(tmp_path, capsys):
+    from kbricks.cli import main
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as root: permissions are not enforced")
+        assert main(["export", str(tmp_path), "--out", str(locked / "kd.pt2")]) == 2  # refused before the source is read
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "the export's directory" in err[0] and "is not writable" in err[0]
+    finally:
+        locked.chmod(0o700)
+
+
+def test_a_failed_check_or_interrupt_leaves_no_file(tmp_path, monkeypatch):
+    import kbricks.engine.export as ex
+
+    net = nn.Sequential(nn.Linear(4, 3))
+    x = torch.rand(2, 4)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex, "_run_back", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        kbricks.export(net, tmp_path / "n.pt2", example_input=x)
+    assert list(tmp_path.iterdir()) == []

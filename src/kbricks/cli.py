@@ -114,11 +114,14 @@ def _cmd_options(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .engine.export import export, load_network, random_input
+    from .engine.export import check_export_target, export, format_for, load_network, random_input
 
+    check_export_target(Path(args.out), args.overwrite)  # an existing file or a bad name fails before the network is loaded
+    format_for(args.out, args.format)
     net = load_network(args.source)
     x = random_input(net, batch=args.batch, shape=args.input_shape)
-    _print(export(net, Path(args.out), format=args.format, example_input=x, atol=args.atol, torchscript=args.torchscript))
+    _print(export(net, Path(args.out), format=args.format, example_input=x, atol=args.atol, torchscript=args.torchscript,
+                  overwrite=args.overwrite))
     return 0
 
 
@@ -243,10 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--evaluate", action="store_true", help="score it (and its teacher) on the CKN's test split")
     a.set_defaults(func=_cmd_assemble)
 
-    ex = sub.add_parser("export", help="export an assembled network or a trained run's network to TorchScript or ONNX (checked against PyTorch)")
+    ex = sub.add_parser("export", help="export an assembled network or a trained run's network to torch.export (.pt2), ONNX or "
+                                       "TorchScript (checked against PyTorch)")
     ex.add_argument("source", help="an assembled network's directory (assembled.json) or a run directory (model.json)")
-    ex.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript", help="onnx needs pip install 'kbricks[onnx]'")
-    ex.add_argument("--out", required=True, help="the file to write (e.g. net.pt or net.onnx)")
+    ex.add_argument("--format", choices=["export", "onnx", "torchscript"], default=None,
+                    help="default: from --out's suffix (.pt2 export, .onnx, .pt torchscript); onnx needs pip install 'kbricks[onnx]'; "
+                         "torchscript is deprecated by torch")
+    ex.add_argument("--out", required=True, help="the file to write (e.g. net.pt2, net.onnx or net.pt)")
+    ex.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ex.add_argument("--batch", type=int, default=2, help="batch size of the example input")
     ex.add_argument("--input-shape", type=int, nargs="+", metavar="N", help="per-sample input shape, when the source does not record it (e.g. 1 8 8)")
     ex.add_argument("--atol", type=float, default=1e-5, help="largest difference from eager PyTorch accepted")

@@ -1,6 +1,10 @@
 """Deployment: load a network that takes raw inputs from its files (an assembled network or a trained run's model)
-and export it to TorchScript or ONNX. Every export is run back from disk (``torch.jit.load`` / onnxruntime) on the
-example input and on other batch sizes, and is only kept when it matches eager PyTorch to ``atol`` (1e-5).
+and export it to a ``torch.export`` program (``.pt2``), TorchScript or ONNX. Every export is run back from disk
+(``torch.export.load`` / ``torch.jit.load`` / onnxruntime) on the example input and on other batch sizes, and is only
+kept when it matches eager PyTorch to ``atol`` (1e-5). The file is written atomically and never replaces an
+existing one unless asked to.
+
+TorchScript is deprecated from torch 2.14 on (``torch.jit`` warns): it is used only when asked for.
 
 ONNX needs the optional extra: ``pip install 'kbricks[onnx]'`` (onnx, onnxscript, onnxruntime).
 """
@@ -11,7 +15,9 @@ import itertools
 import json
 import logging
 import os
+import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -21,12 +27,15 @@ from torch import nn
 from .. import methods as _methods  # noqa: F401  (methods register the network files they write, e.g. KF's assembled.json)
 from .._version import __version__
 from ..core.checkpoint import read_json
-from ..errors import KbricksError
+from ..core.io import storage_error, writable_dir
+from ..errors import KbricksError, StorageError
 from ..models.deploy import load_model
+from ..models.exported import load_program, read_extra_file
 from ..registry import NETWORK_FILES
 from .card import import_recorded
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("export", "torchscript", "onnx")
+SUFFIXES = {".pt2": "export", ".onnx": "onnx", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript"}
 ONNX_OPSET = 18
 ONNX_EXTRA = "ONNX export needs the optional extra: pip install 'kbricks[onnx]' (onnx, onnxscript, onnxruntime)"
 
@@ -121,6 +130,26 @@ def _torchscript(net: nn.Module, x: torch.Tensor, tmp: Path, meta: Dict[str, Any
     return f"{how}{'; ' + note if note else ''}"
 
 
+def _exported(net: nn.Module, x: torch.Tensor, tmp: Path, meta: Dict[str, Any]) -> str:
+    """torch.export with a dynamic batch dimension; a network whose graph fixes the batch size is exported for the
+    example's batch size only, and the result and metadata say so."""
+    note = ""
+    try:
+        program = torch.export.export(net, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        meta["batch"] = "dynamic"
+    except Exception as dynamic_failure:
+        try:
+            program = torch.export.export(net, (x,))
+        except Exception as exc:
+            raise KbricksError(f"torch.export.export failed on the network ({_first_line(exc)}); data-dependent Python control "
+                               "flow needs torch.cond, or export with format='onnx' or 'torchscript'") from None
+        meta["batch"] = int(x.shape[0])
+        note = f"; fixed batch size {int(x.shape[0])} (a dynamic batch failed: {_first_line(dynamic_failure)})"
+    with open(tmp, "wb") as f:  # a file object: torch.export.save names its archive after a path, not after a tmp name
+        torch.export.save(program, f, extra_files={"kbricks.json": json.dumps(meta)})
+    return f"torch.export, {'dynamic batch' if meta['batch'] == 'dynamic' else 'fixed batch'}{note}"
+
+
 def _onnx(net: nn.Module, x: torch.Tensor, tmp: Path, meta: Dict[str, Any], names: List[str], opset: int) -> str:
     try:
         import onnx
@@ -147,6 +176,10 @@ def _onnx(net: nn.Module, x: torch.Tensor, tmp: Path, meta: Dict[str, Any], name
 
 
 def _run_back(fmt: str, tmp: Path, inputs: Sequence[torch.Tensor]) -> List[Any]:
+    if fmt == "export":  # read back the way a .pt2 teacher is read: archive checked, no pickled part
+        loaded = load_program(tmp, "export").module()
+        with torch.no_grad():
+            return [loaded(x) for x in inputs]
     if fmt == "torchscript":
         loaded = torch.jit.load(str(tmp), map_location="cpu")
         with torch.no_grad():
@@ -157,66 +190,114 @@ def _run_back(fmt: str, tmp: Path, inputs: Sequence[torch.Tensor]) -> List[Any]:
     return [[torch.from_numpy(o) for o in session.run(None, {"input": x.numpy()})] for x in inputs]
 
 
+def format_for(path: Union[str, Path], format: Optional[str] = None) -> str:
+    """``format``, or the one ``path``'s suffix names: ``.pt2`` torch.export, ``.onnx`` ONNX, ``.pt`` / ``.pth`` /
+    ``.ts`` TorchScript."""
+    if format is not None:
+        if format not in FORMATS:
+            raise KbricksError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+        return format
+    found = SUFFIXES.get(Path(path).suffix.lower())
+    if found is None:
+        raise KbricksError(f"cannot tell the export format from the name {Path(path).name!r}: name the file .pt2 (torch.export), "
+                           ".onnx or .pt (TorchScript, deprecated), or give the format (--format / format=)")
+    return found
+
+
 def export(
     net: Union[nn.Module, str, Path],
     path: Union[str, Path],
-    format: str = "torchscript",
+    format: Optional[str] = None,
     example_input: Optional[torch.Tensor] = None,
     check_inputs: Optional[Sequence[torch.Tensor]] = None,
     atol: float = 1e-5,
     torchscript: str = "auto",
     opset: int = ONNX_OPSET,
+    overwrite: bool = False,
 ) -> Dict[str, Any]:
     """Export ``net`` (a module, or a path :func:`load_network` accepts) to ``path``.
 
-    ``format``: ``torchscript`` (``torch.jit.script``; with ``torchscript="auto"`` a network TorchScript cannot
-    compile is traced instead, and the result says so) or ``onnx`` (torch's exporter, opset ``opset``, dynamic batch
-    size; input ``input``, outputs named after the network's outputs). ``example_input``: a batch of raw inputs (by
-    default random inputs of the recorded input shape). The file is read back and run on the example input, a batch
-    of one and a larger batch (or on ``check_inputs``); it is written only if every output matches eager PyTorch to
-    ``atol``. The exported file carries the network's description (input shape, normalisation, outputs, classes,
-    fingerprint) as metadata (TorchScript: extra file ``kbricks.json``; ONNX: metadata property ``kbricks``)."""
-    if format not in FORMATS:
-        raise KbricksError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    ``format`` (default: from the file's suffix, see :func:`format_for`): ``export`` (``torch.export.export`` with a
+    dynamic batch dimension, saved with ``torch.export.save``; a graph that fixes the batch size is exported for the
+    example's batch size and the result says so), ``torchscript`` (deprecated by torch; ``torch.jit.script``, and
+    with ``torchscript="auto"`` a network TorchScript cannot compile is traced instead, and the result says so) or
+    ``onnx`` (torch's exporter, opset ``opset``, dynamic batch size; input ``input``, outputs named after the
+    network's outputs). ``example_input``: a batch of raw inputs (by default random inputs of the recorded input
+    shape). The file is read back and run on the example input, a batch of one and a larger batch (or on
+    ``check_inputs``); it is written, atomically, only if every output matches eager PyTorch to ``atol``, and never
+    over an existing file unless ``overwrite``. The exported file carries the network's description (input shape,
+    normalisation, outputs, classes, fingerprint) as metadata (torch.export and TorchScript: extra file
+    ``kbricks.json``; ONNX: metadata property ``kbricks``)."""
+    path = Path(path)
+    check_export_target(path, overwrite)
+    format = format_for(path, format)
     if torchscript not in ("auto", "script", "trace"):
         raise KbricksError(f"torchscript must be 'auto', 'script' or 'trace', not {torchscript!r}")
     if not isinstance(net, nn.Module):
         net = load_network(net)
     was_training = net.training
     try:
-        return _export(net.eval(), Path(path), format, example_input, check_inputs, atol, torchscript, opset)
+        return _export(net.eval(), path, format, example_input, check_inputs, atol, torchscript, opset, overwrite)
     finally:
         net.train(was_training)
 
 
+def check_export_target(path: Path, overwrite: bool) -> None:
+    """Before any work: ``path`` is not a directory, not an existing file (unless ``overwrite``), and its directory
+    accepts new files."""
+    if path.is_dir():
+        raise KbricksError(f"{str(path)!r} is a directory; give the file to write, e.g. {str(path / 'net.pt2')!r}")
+    if path.exists() and not overwrite:
+        raise KbricksError(f"{str(path)!r} already exists; refusing to replace it (add --overwrite, or overwrite=True in Python)")
+    writable_dir(path.parent, "the export's directory")
+
+
 def _export(net: nn.Module, path: Path, format: str, example_input: Optional[torch.Tensor],
-            check_inputs: Optional[Sequence[torch.Tensor]], atol: float, torchscript: str, opset: int) -> Dict[str, Any]:
+            check_inputs: Optional[Sequence[torch.Tensor]], atol: float, torchscript: str, opset: int,
+            overwrite: bool) -> Dict[str, Any]:
     x = example_input if example_input is not None else random_input(net)
-    if check_inputs is None:
-        lo, hi = x.min().item(), x.max().item()
-        g = torch.Generator().manual_seed(1)
-        check_inputs = [lo + (hi - lo) * torch.rand(n, *x.shape[1:], generator=g, dtype=x.dtype) for n in (1, x.shape[0] + 3)]
+    lo, hi = x.min().item(), x.max().item()
+    g = torch.Generator().manual_seed(1)
+
+    def like(n: int) -> torch.Tensor:  # random raw inputs in the example's value range
+        return lo + (hi - lo) * torch.rand(n, *x.shape[1:], generator=g, dtype=x.dtype)
+
     # eager outputs on the network's own device; the exported file is run back on the CPU
     device = next(itertools.chain(net.parameters(), net.buffers()), torch.empty(0)).device
     x = x.to(device)
-    inputs = [x, *(c.to(device) for c in check_inputs)]
     with torch.no_grad():
-        expected = [net(i) for i in inputs]
-    names = _output_names(net, expected[0])
+        first = net(x)
+    names = _output_names(net, first)
     meta = {**_jsonable(getattr(net, "info", None) or {}), "outputs": names, "exported_by": f"kbricks {__version__}"}
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
         with torch.no_grad():
-            how = _torchscript(net, x, tmp, meta, torchscript) if format == "torchscript" else _onnx(net, x, tmp, meta, names, opset)
-        diffs = [max_abs_difference(e, g) for e, g in zip(expected, _run_back(format, tmp, [i.cpu() for i in inputs]))]
+            if format == "export":
+                how = _exported(net, x, tmp, meta)
+            elif format == "torchscript":
+                how = _torchscript(net, x, tmp, meta, torchscript)
+            else:
+                how = _onnx(net, x, tmp, meta, names, opset)
+        fixed = meta.get("batch") if isinstance(meta.get("batch"), int) else None
+        if check_inputs is None:
+            check_inputs = [like(fixed), like(fixed)] if fixed else [like(1), like(x.shape[0] + 3)]
+        elif fixed:
+            check_inputs = [c for c in check_inputs if c.shape[0] == fixed] or [like(fixed)]
+        inputs = [x, *(c.to(device) for c in check_inputs)]
+        with torch.no_grad():
+            expected = [first, *(net(i) for i in inputs[1:])]
+        diffs = [max_abs_difference(e, o) for e, o in zip(expected, _run_back(format, tmp, [i.cpu() for i in inputs]))]
         worst = max(diffs)
         if not worst <= atol:
             sizes = [int(i.shape[0]) for i in inputs]
             raise KbricksError(f"the {format} export differs from the PyTorch network by {worst:.3g} > {atol:g} "
                                f"(batch sizes {sizes}: {', '.join(f'{d:.3g}' for d in diffs)}); nothing was written")
-        os.replace(tmp, path)
+        _commit(tmp, path, overwrite)
+    except OSError as exc:
+        raise (exc if isinstance(exc, StorageError) else storage_error(exc, path, "the exported network")) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -224,12 +305,33 @@ def _export(net: nn.Module, path: Path, format: str, example_input: Optional[tor
             "max_abs_diff": worst, "checked_batch_sizes": [int(i.shape[0]) for i in inputs]}
 
 
+def _commit(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Make the checked file durable, then put it at ``path`` in one rename (a file that appeared there meanwhile is
+    kept unless ``overwrite``)."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if path.exists() and not overwrite:
+        raise KbricksError(f"{str(path)!r} already exists; refusing to replace it (add --overwrite, or overwrite=True in Python)")
+    os.replace(tmp, path)
+    try:  # the rename itself durable, where the directory can be synced
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
 def _jsonable(info: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(json.dumps(info, default=str))
 
 
 def read_export_metadata(path: Union[str, Path]) -> Dict[str, Any]:
-    """The description an exported file carries (see :func:`export`)."""
+    """The description an exported file carries (see :func:`export`), read without loading the network."""
     path = Path(path)
     if path.suffix == ".onnx":
         try:
@@ -238,6 +340,17 @@ def read_export_metadata(path: Union[str, Path]) -> Dict[str, Any]:
             raise KbricksError(ONNX_EXTRA) from None
         props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
         return json.loads(props.get("kbricks", "{}"))
-    extra = {"kbricks.json": ""}
-    torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return json.loads(extra["kbricks.json"] or "{}")
+    text = read_extra_file(path, "kbricks.json")
+    if text is None:
+        text = _torchscript_extra_file(path, "kbricks.json")
+    return json.loads(text or "{}")
+
+
+def _torchscript_extra_file(path: Path, name: str) -> Optional[str]:
+    """A TorchScript archive's extra file (``<archive>/extra/<name>``), read from the zip without ``torch.jit.load``."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            found = [n for n in z.namelist() if n.count("/") == 2 and n.endswith(f"/extra/{name}")]
+            return z.read(found[0]).decode("utf-8") if found else None
+    except (zipfile.BadZipFile, OSError):
+        raise KbricksError(f"{path} is not an exported network (expected a .pt2, TorchScript or .onnx file)") from None

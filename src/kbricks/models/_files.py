@@ -17,6 +17,7 @@ from torch import nn
 from ..core.checkpoint import load_safetensors, torch_load_detail, unpickling_refusal
 from ..core.io import first_line
 from ..errors import CheckpointError, ConfigError
+from .exported import open_exported
 
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -87,6 +88,13 @@ def load_torchscript(path: str, where: str) -> nn.Module:
         return torch.jit.load(str(p), map_location="cpu").eval()
     except Exception as exc:
         raise CheckpointError(f"{where}: TorchScript file {path} is corrupt or unreadable ({first_line(exc, 200)})") from None
+
+
+def load_exported(path: str, where: str) -> nn.Module:
+    """A ``torch.export.save`` file's network, its archive checked for pickled parts first (:mod:`.exported`)."""
+    if not Path(path).exists():
+        raise ConfigError(f"{where}: {path!r} does not exist")
+    return open_exported(path, where)
 
 
 def load_weights(path: str, key: Optional[str], where: str) -> Dict[str, torch.Tensor]:

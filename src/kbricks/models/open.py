@@ -19,7 +19,7 @@ from ..data.base import input_shape_of
 from ..errors import CheckpointError, ConfigError
 from ..registry import OBJECTS
 from ._factory import ZooFactory, call_factory, check_factory_kwargs, class_count_hint, import_object, zoo_factory
-from ._files import check_weight_dtypes, load_torchscript, load_weights
+from ._files import check_weight_dtypes, load_exported, load_torchscript, load_weights
 from ._probe import check_built
 from .base import MODELS, Classifier
 from .card import read_model_card
@@ -69,8 +69,8 @@ def open_spec(spec: NetworkSpec, trainable: bool, where: str, shape: Optional[Di
         raise ConfigError(f"{where}: {spec.path!r} does not exist (expected {MISSING})")
     if kind == "weights":
         raise ConfigError(f"{where}: {spec.problem()}")
-    if kind in ("kbricks", "torchscript") and spec.kwargs:
-        what = "a kbricks run" if kind == "kbricks" else "a TorchScript file"
+    if kind in ("kbricks", "torchscript", "exported") and spec.kwargs:
+        what = {"kbricks": "a kbricks run", "torchscript": "a TorchScript file", "exported": "a torch.export file"}[kind]
         why = " (its architecture is in its model.json)" if kind == "kbricks" else ""
         raise ConfigError(f"{where}: {what} takes no {'model.kwargs' if trainable else 'kwargs'}{why}")
     factory = None
@@ -81,6 +81,8 @@ def open_spec(spec: NetworkSpec, trainable: bool, where: str, shape: Optional[Di
         return Opened(net, kind, norm, card, tuple(input_shape_of(card["in_channels"], card["image_size"])), latent)
     if kind == "torchscript":
         module: Any = load_torchscript(spec.path, where)
+    elif kind == "exported":
+        module = load_exported(spec.path, where)
     elif kind in ("import", "zoo"):
         obj = import_object(spec.path, where) if kind == "import" else zoo_factory(spec.path, where)
         if callable(obj) and not isinstance(obj, nn.Module):

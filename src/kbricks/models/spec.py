@@ -4,6 +4,7 @@ A spec's ``path`` names one of:
 
 * a kbricks run directory or its ``model.json`` (architecture, weights, input normalisation and fingerprint);
 * a TorchScript file saved with ``torch.jit.save``;
+* a ``torch.export`` program saved with ``torch.export.save`` (``.pt2``, checked for pickled parts first);
 * an import path ``package.module:factory`` called with ``kwargs``, plus an optional ``weights`` file
   (``.safetensors``, or a ``torch.save`` state_dict read with ``weights_only=True``);
 * a zoo model ``timm:<name>`` or ``torchvision:<name>`` (built with random weights, ``kwargs`` and an optional
@@ -31,6 +32,7 @@ from pydantic_core import PydanticCustomError
 from ..errors import ConfigError
 from ..registry import ObjectStore
 from ._files import is_broken_archive, is_torchscript_archive
+from .exported import is_exported_archive
 
 
 class _Strict(BaseModel):
@@ -65,7 +67,7 @@ class InputSpec(_Strict):
     shape: Optional[List[int]] = None
 
 
-SOURCE_KINDS = ("kbricks", "torchscript", "import", "zoo", "memory")
+SOURCE_KINDS = ("kbricks", "torchscript", "exported", "import", "zoo", "memory")
 IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 ZOO_PATH = re.compile(r"(timm|torchvision):([A-Za-z_][\w.\-]*)")
 
@@ -80,6 +82,8 @@ def path_kind(path: str) -> str:
     p = Path(path)
     if p.is_dir() or path.endswith(".json"):
         return "kbricks"
+    if p.is_file() and is_exported_archive(p):
+        return "exported"
     if p.is_file():
         # a zip archive cut short can only be meant as a network here: opening it says it is truncated
         return "torchscript" if is_torchscript_archive(p) or is_broken_archive(p) else "weights"
@@ -149,8 +153,9 @@ class NetworkSpec(_Strict):
                     "copy or save it again")
         if kind == "kbricks" and self.normalize is not None:
             return f"{self.path} is a kbricks run: it records its own input normalisation; remove normalize"
-        if kind in ("torchscript", "import", "zoo") and self.normalize is None:
-            what = {"torchscript": "a TorchScript file", "import": "a Python import path", "zoo": "a zoo model"}[kind]
+        if kind in ("torchscript", "exported", "import", "zoo") and self.normalize is None:
+            what = {"torchscript": "a TorchScript file", "exported": "a torch.export file", "import": "a Python import path",
+                    "zoo": "a zoo model"}[kind]
             return (f"{self.path} is {what}: state its input convention with normalize: none (it takes the data as loaded, "
                     "images in [0, 1]) or normalize: {mean: [...], std: [...]}, e.g. {path: " + self.path + ", normalize: none}")
         if kind not in ("import", "zoo", "missing") and (self.kwargs or self.weights):

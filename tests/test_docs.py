@@ -145,9 +145,10 @@ def given() -> Dict[str, object]:
     """The names doc blocks use without defining them: tiny, fast stand-ins of the reader's own objects."""
     x_train, y_train = _tiny_data(96, seed=0)
     x_test, y_test = _tiny_data(48, seed=1)
+    x, y = _tiny_data(640, seed=2)  # enough for five continual tasks of one batch each
     teacher = _TinyNet()
     return {"teacher": teacher.eval(), "x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,
-            "x": x_train, "y": y_train, "x_raw": x_test, "MyNet": _TinyNet, "MyBackbone": _TinyNet,
+            "x": x, "y": y, "x_raw": x_test, "MyNet": _TinyNet, "MyBackbone": _TinyNet,
             "src_a": _TinyNet().eval(), "src_b": _TinyNet().eval(), "torch": torch, "nn": nn}
 
 
@@ -166,5 +167,10 @@ def test_python_blocks_run(block, tmp_path_factory, monkeypatch):
         work = tmp_path_factory.mktemp(block.name.replace(".", "_").replace(":", "_"))
         monkeypatch.chdir(work)
         ns = {**given(), "__docdir__": work, "__name__": f"doc_{block.file.stem}"}
-    exec(compile(block.code, block.name, "exec"), ns)  # noqa: S102 - the repository's own docs
+    from kbricks.core.plots import wait_for_plots
+
+    try:
+        exec(compile(block.code, block.name, "exec"), ns)  # noqa: S102 - the repository's own docs
+    finally:
+        wait_for_plots()  # drawn on a background thread, into this block's directory
     _namespaces[block.name] = ns

@@ -47,7 +47,7 @@ Network = Any  # nn.Module | class / factory | callable | spec string | spec dic
 @dataclass
 class Run:
     """A finished run: where it lives, what it scored, and the trained network (``model``: the student, KF's factor
-    networks, or the continual strategy)."""
+    networks, or the continual strategy), in eval mode (call ``.train()`` on it to train it further yourself)."""
 
     run_dir: Path
     summary: Dict[str, Any]
@@ -55,6 +55,11 @@ class Run:
     method: nn.Module = field(repr=False)
     transform: Any = field(repr=False)
     device: torch.device = field(repr=False, default=torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        # what the API hands back is for inference: calling it must not update BatchNorm statistics (or drop units)
+        self.method.eval()
+        self.model.eval()
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Inputs as the run's networks take them (the run's input normalisation, no augmentation)."""

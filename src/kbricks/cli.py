@@ -339,8 +339,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KbricksError as exc:
         print(f"kbricks: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         from .core.rundir import interrupted_note
+        from .core.signals import Terminated
 
+        if isinstance(exc, Terminated):  # SIGTERM: the same checkpoint and note, the conventional status 128 + 15
+            print(f"kbricks: terminated ({exc}); {interrupted_note()}", file=sys.stderr)
+            return 128 + exc.signum
         print(f"kbricks: interrupted; {interrupted_note()}", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
@@ -14,7 +15,8 @@ from ..errors import CheckpointError
 from .io import atomic_write_bytes, first_line
 
 __all__ = ["atomic_write_bytes", "save_checkpoint", "load_checkpoint", "load_state_into", "remap_prefix", "save_safetensors",
-           "load_safetensors", "read_json", "fingerprint", "is_growable"]
+           "load_safetensors", "read_json", "fingerprint", "is_growable", "canonical_json", "sign_claims", "claim_digests",
+           "edited_claims", "verify_claims"]
 
 FORMAT = "kbricks-checkpoint-v1"
 
@@ -132,8 +134,6 @@ def load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
 
 def read_json(path: Path, missing: str) -> Any:
     """A JSON document from disk; ``missing`` is the error message when the file does not exist."""
-    import json
-
     path = Path(path)
     if not path.exists():
         raise CheckpointError(missing)
@@ -153,3 +153,59 @@ def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+# ---- signed claims ----------------------------------------------------------------------------------------------
+# A model card or brick manifest claims things its loader acts on (normalisation, classes, input shape, tasks,
+# architecture). They are signed together with the weights' fingerprint, so a hand-edited claim is refused as surely
+# as edited weights. Content hashes, not keyed signatures: they catch edits and corruption, not forgery.
+
+
+def canonical_json(value: Any) -> str:
+    """The one JSON text of ``value`` that is hashed: sorted keys, no whitespace (a JSON round trip keeps it)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def sign_claims(claims: Mapping[str, Any], weights_fingerprint: str = "") -> str:
+    """The signature of ``claims`` (a JSON object: every field a loader acts on) bound to the weights they describe."""
+    h = hashlib.sha256(weights_fingerprint.encode())
+    h.update(canonical_json(dict(claims)).encode())
+    return h.hexdigest()[:16]
+
+
+def claim_digests(claims: Mapping[str, Any]) -> Dict[str, str]:
+    """One short hash per claim, stored beside the signature so that a refusal can name the edited field."""
+    return {k: hashlib.sha256(canonical_json(v).encode()).hexdigest()[:8] for k, v in claims.items()}
+
+
+def changed_claims(claims: Mapping[str, Any], digests: Mapping[str, Any]) -> List[str]:
+    """The claims that were edited, added or removed since ``digests`` were recorded."""
+    now = claim_digests(claims)
+    return sorted(k for k in set(now) | set(digests) if now.get(k) != digests.get(k))
+
+
+def edited_claims(claims: Mapping[str, Any], weights_fingerprint: str, signature: Any,
+                  digests: Optional[Mapping[str, Any]]) -> Optional[List[str]]:
+    """None when ``claims`` hash to ``signature``; else the edited claims (named by the recorded ``digests``, an
+    empty list when they cannot tell which)."""
+    if isinstance(signature, str) and sign_claims(claims, weights_fingerprint) == signature:
+        return None
+    return changed_claims(claims, digests) if isinstance(digests, Mapping) else []
+
+
+def quote_fields(names: List[str]) -> str:
+    """``'normalize'`` / ``'classes', 'tasks'``: the edited fields as a refusal names them."""
+    return ", ".join(repr(k) for k in names[:4]) + (" ..." if len(names) > 4 else "")
+
+
+def verify_claims(claims: Mapping[str, Any], weights_fingerprint: str, signature: Any, digests: Optional[Mapping[str, Any]],
+                  what: str, fix: str) -> None:
+    """Refuse ``claims`` that do not hash to ``signature`` with one line naming the edited field(s) when the recorded
+    ``digests`` tell which, else saying that the claims do not match their signature."""
+    changed = edited_claims(claims, weights_fingerprint, signature, digests)
+    if changed is None:
+        return
+    if changed:
+        verb = "differs" if len(changed) == 1 else "differ"
+        raise CheckpointError(f"{what} was edited after it was written: {quote_fields(changed)} {verb} from what was signed; {fix}")
+    raise CheckpointError(f"{what}: its claims do not match their signature (edited or corrupt); {fix}")

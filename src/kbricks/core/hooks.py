@@ -8,6 +8,7 @@ card. Continual runs also call ``on_task_start`` / ``on_task_end``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..errors import ConfigError
+from .io import atomic_write_text
 
 
 @dataclass
@@ -92,8 +94,8 @@ class JsonlLogger(Hook):
         self.path = Path(path)
 
     def on_fit_start(self, state: RunState) -> None:
-        keep = [r for r in read_jsonl(self.path) if state.keep_row(r)]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        keep = [r for r in read_jsonl(self.path) if state.keep_row(r)]  # atomic: a crash here must not lose the history
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep), what="metrics.jsonl")
 
     def _append(self, row: Dict[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -122,11 +124,12 @@ def write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
     cols: List[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols]
-    with Path(path).open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(path, text.getvalue(), what=Path(path).name)
 
 
 class ProgressBar(Hook):

@@ -11,7 +11,9 @@ Keys (every card has all of them):
   (continual runs: ``num_classes`` is the largest task's, ``classes`` is ``None``);
 * ``imports``: the plugin modules (``--import``, or outside kbricks and registering a name the run uses) that
   ``kbricks evaluate`` / ``export`` import again before rebuilding;
-* ``fingerprint`` of the weights, and ``metrics`` (the run's results).
+* ``fingerprint`` of the weights, and ``metrics`` (the run's results);
+* ``signature`` and ``claim_digests``: every other field is a claim signed with the weights' fingerprint
+  (:func:`kbricks.models.card.sign_card`); a loader refuses a card edited after training.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from ..data import DATASETS, SCENARIOS
 from ..errors import ConfigError
 from ..methods.base import METHODS, Method
 from ..models import MODELS
+from ..models.card import sign_card, verify_card
 from ..registry import import_user_modules, imported_modules
 
 CARD_KEYS = ("kbricks", "model", "method", "network", "data", "scenario", "num_classes", "classes", "in_channels", "image_size",
-             "normalize", "tasks", "imports", "fingerprint", "metrics")
+             "normalize", "tasks", "imports", "fingerprint", "metrics", "signature", "claim_digests")
 
 
 def plugin_modules(cfg: RunConfig) -> List[str]:
@@ -85,6 +88,7 @@ def write_model_card(run: RunDirectory, exp, method: Method, tensors: Dict[str, 
         "metrics": metrics,
     }
     card.update(method.card())
+    card = sign_card(card)  # last: the method's fields are claims too
     run.write_json("model.json", card)
     return card
 
@@ -99,6 +103,8 @@ def recorded_imports(run_dir: Path) -> List[str]:
             except (OSError, ValueError):
                 continue
             if isinstance(doc, dict) and isinstance(doc.get("imports"), list):
+                if name == "model.json":  # never import modules an edited card names
+                    verify_card(doc, path)
                 return [str(m) for m in doc["imports"]]
     return []
 

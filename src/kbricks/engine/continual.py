@@ -13,6 +13,7 @@ directory, resume rules and recording the config are the run lifecycle's (:mod:`
 from __future__ import annotations
 
 import csv
+import io
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -26,6 +27,7 @@ from ..continual.strategy import ContinualStrategy
 from ..core import dist
 from ..core.checkpoint import load_checkpoint, load_state_into, save_checkpoint
 from ..core.hooks import Hook, RunState, run_hooks
+from ..core.io import atomic_write_text
 from ..core.rundir import RunDirectory
 from ..core.seeding import derive_seed
 from ..data import TaskData
@@ -246,8 +248,9 @@ def load_continual_run(run_dir: Path) -> Experiment:
 
 
 def write_matrix(path: Path, R: List[List[Optional[float]]], names: List[str]) -> None:
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["after_task"] + names)
-        for i, row in enumerate(R):
-            w.writerow([names[i]] + ["" if v is None else f"{v:.6f}" for v in row])
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["after_task"] + names)
+    for i, row in enumerate(R):
+        w.writerow([names[i]] + ["" if v is None else f"{v:.6f}" for v in row])
+    atomic_write_text(path, text.getvalue(), what=path.name)

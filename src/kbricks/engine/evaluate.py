@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from ..core.checkpoint import load_checkpoint, load_state_into
+from ..core.io import atomic_write_text, writable_dir
 from ..core.metrics import evaluate
 from ..errors import KbricksError
 from .card import import_recorded
@@ -30,12 +31,17 @@ def load_run(run_dir: Path, checkpoint: str = "last"):
 
 
 def evaluate_run(run_dir: Path, checkpoint: str = "last", baseline=None) -> Dict[str, Any]:
+    """Score ``ckpt/<checkpoint>.pt`` of a run on its test split; the result is also written to the run directory
+    (``eval_<checkpoint>.json``, or the method's own report files), which must be writable: checked first, so that
+    no evaluation is lost to a read-only directory."""
     run_dir = Path(run_dir)
+    if (run_dir / "config.yaml").exists():
+        writable_dir(run_dir, "the run directory")
     exp, state = load_run(run_dir, checkpoint)
     report = exp.method.report(exp, run_dir, Path(baseline) if baseline else None)
     if report is not None:
         return report
     metrics = evaluate(exp.method, exp.data.test, exp.tasks, exp.transform, exp.device, exp.cfg.train.eval_batch_size)
     result = {"run_dir": str(run_dir), "checkpoint": checkpoint, "epoch": state.get("epoch"), **{f"test/{k}": v for k, v in metrics.items()}}
-    (run_dir / f"eval_{checkpoint}.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(run_dir / f"eval_{checkpoint}.json", json.dumps(result, indent=2), what="the evaluation")
     return result

@@ -1,8 +1,10 @@
 """One optimisation loop (:class:`Loop`): epochs of seeded, shuffled mini-batches over one dataset, and the optimiser
 and schedule it steps. Plain runs (:mod:`.trainer`) and continual runs (:mod:`.continual`) both train with it.
 
-Randomness is re-derived from (seed key, epoch, rank) at the start of every epoch, so a run resumed from the
-checkpoint of epoch e replays epochs e+1.. exactly as an uninterrupted run would.
+Randomness is re-derived from (seed key, epoch) at the start of every epoch, so a run resumed from the checkpoint of
+epoch e replays epochs e+1.. exactly as an uninterrupted run would. The data order and the augmentation are the same
+for N DDP ranks as for one process with the global batch (each rank augments the whole global batch with the one
+stream and keeps its slice); only randomness inside the module (dropout, sampling) is drawn per rank.
 """
 
 from __future__ import annotations
@@ -144,16 +146,22 @@ class Loop:
         """One epoch; returns the mean of every named loss term (``train/<name>``), averaged over ranks."""
         rank, bs, data = dist.rank(), self.batch_size, self.data
         shuffle = generator(derive_seed(*self.seed_key, epoch))  # same permutation on every rank
-        aug = generator(derive_seed(*self.seed_key, epoch, rank, 1))
+        # one augmentation stream for the global batch (rank 0's seed: a single process's): every rank augments the
+        # whole global batch as one process would and keeps its own slice, so N ranks see the samples 1 process sees
+        aug = generator(derive_seed(*self.seed_key, epoch, 0, 1))
         torch.manual_seed(derive_seed(*self.seed_key, epoch, rank, 2))  # dropout, sampling inside methods
         perm = torch.randperm(len(data), generator=shuffle)
         self.model.train()
         sums: Dict[str, torch.Tensor] = {}
+        mine = slice(rank * bs, (rank + 1) * bs)
         for step in range(self.steps_per_epoch):
-            start = step * self.global_batch + rank * bs
-            idx = perm[start:start + bs]
+            whole = perm[step * self.global_batch:(step + 1) * self.global_batch]
+            idx = whole[mine]
             raw = self.source_x[idx].to(self.device, non_blocking=True)
-            x = self.transform(raw, train=True, generator=aug)
+            if self.global_batch == bs:  # one process: the batch is the global batch
+                x = self.transform(raw, train=True, generator=aug)
+            else:
+                x = self.transform(self.source_x[whole].to(self.device, non_blocking=True), train=True, generator=aug)[mine]
             if self.train_cfg.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             batch = Batch(

@@ -5,7 +5,11 @@ it abandoned when the start failed.
 
 Resume rules: a checkpoint may only be continued with the same seed, data, model and method; a plain run may change
 ``optim.lr``, ``weight_decay`` and ``momentum`` (applied to the restored optimiser, and said so); a continual run
-builds each task's optimiser afresh, so any optimiser change applies from the next task (and is said so).
+builds each task's optimiser afresh, so any optimiser change applies from the next task (and is said so). A plain
+run may be given more ``train.epochs`` (it trains on), never fewer than it has already trained.
+
+SIGTERM (a scheduler's stop, ``kill``) ends a run as Ctrl-C does: the last checkpoint is kept and the CLI prints how
+to resume (exit status 143).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..core.env import environment_info
 from ..core.hooks import Hook
 from ..core.rundir import RunDirectory
 from ..core.seeding import pick_device, set_deterministic, set_threads
+from ..core.signals import terminate_as_interrupt
 from ..errors import CheckpointError, KbricksError
 from .card import plugin_modules
 from .continual import ContinualTrainer
@@ -59,6 +64,10 @@ def check_resumable(state: Dict[str, Any], cfg: RunConfig) -> None:
         if saved.get(key) != now[key]:
             raise CheckpointError(f"cannot resume: the checkpoint was trained with a different '{key}' config "
                                   f"(start a new run, or resume with the original {key} settings)")
+    done = state.get("epoch")
+    if not cfg.is_continual and isinstance(done, int) and done > cfg.train.epochs:
+        raise CheckpointError(f"cannot resume: the run has already trained {done} epochs, more than train.epochs={cfg.train.epochs}; "
+                              f"resume with train.epochs >= {done} (or start a new run)")
 
 
 OPTIM_CHANGEABLE_ON_RESUME = ("lr", "weight_decay", "momentum")
@@ -154,7 +163,14 @@ def start_run(cfg: RunConfig, run_dir: Optional[Path], resume: bool, overwrite: 
 def execute_run(cfg: RunConfig, run_dir: Optional[Path], resume_run: bool, hooks: Optional[List[Hook]], overwrite: bool,
                 **fit_kwargs: Any) -> Dict[str, Any]:
     """The life of one run, plain or continual: open (and lock) the run directory, build the experiment, check a
-    resume before anything is written, record config.yaml and env.json, fit; a failed start is marked abandoned."""
+    resume before anything is written, record config.yaml and env.json, fit; a failed start is marked abandoned.
+    SIGTERM stops it as Ctrl-C does."""
+    with terminate_as_interrupt():
+        return _execute_run(cfg, run_dir, resume_run, hooks, overwrite, **fit_kwargs)
+
+
+def _execute_run(cfg: RunConfig, run_dir: Optional[Path], resume_run: bool, hooks: Optional[List[Hook]], overwrite: bool,
+                 **fit_kwargs: Any) -> Dict[str, Any]:
     run = start_run(cfg, run_dir, resume_run, overwrite)
     try:
         exp = build_experiment(cfg)

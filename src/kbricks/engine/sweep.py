@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from ..core import dist
 from ..core.hooks import write_csv
+from ..core.io import atomic_write_text
 from ..core.stats import mean_std
 from .experiment import load_config
 from .parallel import run_parallel
@@ -43,6 +44,6 @@ def run_sweep(config: Path, seeds: Sequence[int], out: Path, overrides: Sequence
                "last_acc": mean_std([r["last_acc"] for r in rows]), "best_acc": mean_std([r["best_acc"] for r in rows]), "runs": rows}
     if dist.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "sweep.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2), what="sweep.json")
         write_csv(out / "sweep.csv", rows)
     return summary

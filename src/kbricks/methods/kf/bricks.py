@@ -11,8 +11,10 @@ those two files alone, checking every fingerprint. Loading never unpickles anyth
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple, Union
 
@@ -20,7 +22,18 @@ import torch
 from torch import nn
 
 from ..._version import __version__
-from ...core.checkpoint import atomic_write_bytes, fingerprint, load_safetensors, load_state_into, read_json, save_safetensors
+from ...core.checkpoint import (
+    claim_digests,
+    edited_claims,
+    fingerprint,
+    load_safetensors,
+    load_state_into,
+    quote_fields,
+    read_json,
+    save_safetensors,
+    sign_claims,
+)
+from ...core.io import atomic_write_text, storage_error
 from ...data import Task
 from ...errors import CheckpointError, KbricksError
 from ...models import create_model
@@ -46,21 +59,25 @@ def _task_from_dict(d: Dict[str, Any]) -> Task:
     return Task(name=d["name"], num_classes=d["num_classes"], classes=classes, latent=d.get("latent"))
 
 
+def signed_fields(manifest: Dict[str, Any]) -> Dict[str, Any]:
+    """The manifest's claims that decide behaviour (``SIGNED_FIELDS``), as its fingerprint signs them."""
+    return {k: manifest.get(k) for k in SIGNED_FIELDS}
+
+
 def signature(weights_fingerprint: str, manifest: Dict[str, Any]) -> str:
-    """The brick's fingerprint: a hash of the weights' fingerprint and the behaviour-deciding manifest fields."""
-    signed = {k: manifest.get(k) for k in SIGNED_FIELDS}
-    h = hashlib.sha256(weights_fingerprint.encode())
-    h.update(json.dumps(signed, sort_keys=True, separators=(",", ":")).encode())
-    return h.hexdigest()[:16]
+    """The brick's fingerprint: the behaviour-deciding manifest fields signed with the weights' fingerprint
+    (:func:`kbricks.core.checkpoint.sign_claims`, the one signing function of model cards and manifests)."""
+    return sign_claims(signed_fields(manifest), weights_fingerprint)
 
 
 def _write(path: Path, manifest: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> Path:
     wfp = fingerprint(tensors)
     manifest = dict(manifest, format=BRICK_FORMAT, weights_fingerprint=wfp, weights=path.name + ".safetensors")
     manifest["fingerprint"] = signature(wfp, manifest)
+    manifest["claim_digests"] = claim_digests(json.loads(json.dumps(signed_fields(manifest))))  # names an edited field
     save_safetensors(tensors, path.parent / manifest["weights"], {"format": BRICK_FORMAT, "kind": manifest["kind"]})
     json_path = path.parent / (path.name + ".json")
-    json_path.write_text(json.dumps(manifest, indent=2))
+    atomic_write_text(json_path, json.dumps(manifest, indent=2), what="the brick manifest")
     return json_path
 
 
@@ -135,9 +152,10 @@ def _verify_brick(name: str, manifest: Dict[str, Any], tensors: Dict[str, torch.
     wfp = fingerprint(tensors)
     if wfp != manifest["weights_fingerprint"]:
         raise CheckpointError(f"brick {name}: weights do not match the manifest fingerprint (modified or corrupt file)")
-    if signature(wfp, manifest) != manifest["fingerprint"]:
-        raise CheckpointError(f"brick {name}: the manifest's signed fields ({', '.join(SIGNED_FIELDS)}) were modified "
-                              "after export; re-export the bricks instead of editing them")
+    edited = edited_claims(signed_fields(manifest), wfp, manifest["fingerprint"], manifest.get("claim_digests"))
+    if edited is not None:
+        raise CheckpointError(f"brick {name}: the manifest's signed fields ({quote_fields(edited) if edited else ', '.join(SIGNED_FIELDS)}) "
+                              "were modified after export; re-export the bricks instead of editing them")
     if manifest["kind"] == "tsn":
         _check_task(name, manifest)
 
@@ -233,24 +251,70 @@ ASSEMBLED_FORMAT = "kbricks-assembled-v2"
 ASSEMBLED_WEIGHTS = "assembled.safetensors"
 
 
+ASSEMBLED_UNSIGNED = ("fingerprint", "claim_digests")
+
+
+def _assembled_claims(manifest: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in manifest.items() if k not in ASSEMBLED_UNSIGNED}
+
+
 def _assembled_signature(manifest: Dict[str, Any]) -> str:
-    """Signs every field of assembled.json but the signature itself: the file is written once, never edited."""
-    body = {k: v for k, v in manifest.items() if k != "fingerprint"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    """Signs every field of assembled.json but the signature and its digests: the file is written once, never edited.
+    (The weights' fingerprint is one of those fields.)"""
+    return sign_claims(_assembled_claims(manifest))
+
+
+STAGING = ".assembling-"  # <out's parent>/.<out name>.assembling-<pid>-<random>: a save in progress
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Remove what a save killed mid-write (``kill -9``, power loss) left: staging directories of dead processes, and
+    the temporary files of the atomic writes of earlier kbricks versions."""
+    parent = out.parent
+    if parent.is_dir():
+        for d in parent.glob(f".{out.name}{STAGING}*"):
+            pid = d.name[len(f".{out.name}{STAGING}"):].split("-")[0]
+            if d.is_dir() and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(d, ignore_errors=True)
+    if out.is_dir():
+        for name in ("assembled.json", ASSEMBLED_WEIGHTS):
+            for f in out.glob(f".{name}.*.tmp"):
+                f.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process
+    return True
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def save_assembled(net: AssembledNetwork, out_dir: Union[str, Path], overwrite: bool = False) -> Path:
     """The assembled network as one safetensors file plus ``assembled.json``, which holds every brick's manifest:
     :func:`load_assembled` rebuilds the network from these two files alone. An existing assembly in ``out_dir`` is
-    only replaced with ``overwrite``."""
+    only replaced with ``overwrite``.
+
+    Both files are written into a hidden staging directory beside ``out_dir``, which is then renamed to ``out_dir``
+    (or, when ``out_dir`` exists, whose files are renamed into it): an error or Ctrl-C leaves nothing behind, and what
+    ``kill -9`` leaves (the hidden staging directory) is removed by the next save to the same place."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise KbricksError(f"--out {str(out)!r} is a file, not a directory")
     if (out / "assembled.json").exists() and not overwrite:
         raise KbricksError(f"{out} already holds an assembled network; pass --overwrite to replace it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     tensors = net.factors.state_dict()
-    save_safetensors(tensors, out / ASSEMBLED_WEIGHTS, {"format": ASSEMBLED_FORMAT})
     manifest = {
         "format": ASSEMBLED_FORMAT,
         "kbricks": __version__,
@@ -262,10 +326,39 @@ def save_assembled(net: AssembledNetwork, out_dir: Union[str, Path], overwrite: 
         "weights_fingerprint": fingerprint(tensors),
         "provenance": net.manifests[0]["provenance"],
     }
+    manifest = json.loads(json.dumps(manifest))  # signed as it reads back
     manifest["fingerprint"] = _assembled_signature(manifest)
-    atomic_write_bytes(out / "assembled.json", lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    manifest["claim_digests"] = claim_digests(_assembled_claims(manifest))  # names an edited field
+    from safetensors.torch import save
+
+    weights = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"format": ASSEMBLED_FORMAT})
+    stage = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(out)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING}{os.getpid()}-", dir=out.parent))
+        _write_file(stage / ASSEMBLED_WEIGHTS, weights)
+        _write_file(stage / "assembled.json", json.dumps(manifest, indent=2).encode())
+        if out.exists():  # weights first: until the manifest follows, a load refuses the pair (fingerprint mismatch)
+            for name in (ASSEMBLED_WEIGHTS, "assembled.json"):
+                os.replace(stage / name, out / name)
+        else:
+            os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes it private; an assembly is an ordinary directory
+            os.rename(stage, out)
+            stage = None
+    except OSError as exc:
+        raise storage_error(exc, out, "the assembled network") from None
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
     net.info.update(fingerprint=manifest["fingerprint"], source=str(out))
     return out / "assembled.json"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @NETWORK_FILES.register("assembled.json", "kbricks-assembled")  # kbricks export opens it without knowing KF
@@ -288,8 +381,10 @@ def load_assembled(path: Union[str, Path]) -> AssembledNetwork:
     tensors = load_safetensors(json_path.parent / ASSEMBLED_WEIGHTS)
     if fingerprint(tensors) != m["weights_fingerprint"]:
         raise CheckpointError(f"{where}: {ASSEMBLED_WEIGHTS} does not match the manifest fingerprint (modified or corrupt file)")
-    if _assembled_signature(m) != m["fingerprint"]:
-        raise CheckpointError(f"{where}: the manifest was modified after it was written; assemble the bricks again instead of editing it")
+    edited = edited_claims(_assembled_claims(m), "", m["fingerprint"], m.get("claim_digests"))
+    if edited is not None:
+        which = f" ({quote_fields(edited)} {'differs' if len(edited) == 1 else 'differ'} from what was signed)" if edited else ""
+        raise CheckpointError(f"{where}: the manifest was modified after it was written{which}; assemble the bricks again instead of editing it")
     bricks = m["bricks"]
     if not isinstance(bricks, list) or len(bricks) < 2:
         raise CheckpointError(f"{where}: 'bricks' must list the CKN's manifest and at least one TSN's")

@@ -94,10 +94,12 @@ def commands_of(code: str) -> List[List[str]]:
     out = []
     for line in text.splitlines():
         words = shlex.split(line, comments=True)
+        while words and re.match(r"^[A-Z_]+=", words[0]):  # environment assignments before the command
+            words = words[1:]
         if "kbricks" not in words:
             continue
         k = words.index("kbricks")
-        if k > 0 and words[k - 1] != "-m" and words[0] != "kbricks":
+        if k > 0 and words[k - 1] != "-m":
             continue
         out.append(words[k + 1:])
     return out

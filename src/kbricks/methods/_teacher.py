@@ -25,7 +25,7 @@ from ..models.spec import NetworkRef, NetworkSpec, as_spec
 from ..models.taps import FeatureTap, find_head
 from .base import MethodContext
 
-TEACHER_HELP = ("the trained teacher: a kbricks run directory or model.json, a TorchScript file, "
+TEACHER_HELP = ("the trained teacher: a kbricks run directory or model.json, a torch.export (.pt2) or TorchScript file, "
                 "{path: package.module:factory, kwargs, weights, normalize} or {path: timm:<name>, weights, normalize} (docs/byo.md); "
                 "check: false skips the check of its input convention on the training data")
 

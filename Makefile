@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# one pytest-xdist worker per core (TEST_WORKERS=0 runs in one process); a test file stays on one worker, so its
+# module fixtures are built once
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -6,7 +6,8 @@ import tempfile
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one thread per pytest-xdist worker (make test runs one worker per core), else up to 2
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 os.environ.setdefault("KBRICKS_WORKERS", "1")  # library calls run their seeds in-process; test_parallel.py tests the pool
 if "KBRICKS_CACHE" not in os.environ:  # parsed datasets go to a throw-away directory, not ~/.cache
     os.environ["KBRICKS_CACHE"] = tempfile.mkdtemp(prefix="kbricks-test-cache-")

@@ -64,9 +64,6 @@ def _resnetv2(n: int) -> nn.Module:
     return ResNetV2(num_classes=n, **RESNETV2)
 
 
-CONV_HEAD_BUG = ("src bug: a named 1x1-Conv2d head (head: head.fc) is applied to flattened features "
-                 "(ForeignClassifier.head, SSKT training_step): conv2d RuntimeError")
-
 # a ViT small enough for CPU tests; a ResNetV2 with timm's default StdConv2d (weight standardisation) + GroupNormAct
 TV_VIT = {"patch_size": 16, "num_layers": 2, "num_heads": 2, "hidden_dim": 32, "mlp_dim": 64}
 RESNETV2 = {"layers": [1, 1, 1, 1], "channels": [128, 128, 128, 128], "stem_chs": 32}
@@ -84,7 +81,7 @@ MODELS: Dict[str, Zoo] = {
     "timm:tf_mobilenetv3_small_minimal_100 (Conv2dSame)": _named("timm:tf_mobilenetv3_small_minimal_100", "conv_head"),
     # its classifier is a 1x1 Conv2d (timm's ClassifierHead(use_conv=True)): a trained student names it (head:)
     "timm:ResNetV2 (StdConv2d, 4 blocks)": Zoo({"name": "timm.models.resnetv2:ResNetV2", "kwargs": RESNETV2, "head": "head.fc"},
-                                               _resnetv2, "norm", {"sskt_student": CONV_HEAD_BUG}),
+                                               _resnetv2, "norm"),
 }
 
 # the model's parameter, module-scoped: pytest groups every role of one model together, and the runs it shares
@@ -301,9 +298,8 @@ def test_features_by_layer_name(runs):
     assert fac.method.projectors[0][0].in_features == seen[0].flatten(1).shape[1]
 
 
-@pytest.mark.xfail(strict=True, reason=CONV_HEAD_BUG)
 def test_a_named_conv_head_serves_as_the_students_head(tmp_path):
-    """Minimal form of the ResNetV2 failure: a student whose classifier is a 1x1 Conv2d, named with head:."""
+    """A student whose classifier is a 1x1 Conv2d (timm's ResNetV2 head.fc), named with head:, trains its own head."""
     def conv_head_net(num_classes):
         return nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, num_classes, 1), nn.Flatten())
 
@@ -312,6 +308,15 @@ def test_a_named_conv_head_serves_as_the_students_head(tmp_path):
                           student={"name": conv_head_net, "head": "2"}, epochs=1, batch_size=16, progress="off",
                           overrides=STEPS, run_dir=tmp_path / "r")
     assert run.predict(test[0]).shape == (len(test[0]), CLASSES)
+    # the head computes the network's own output from its features, and trains the network's own 1x1 convolution
+    from kbricks.models.wrappers import ForeignClassifier
+
+    net = conv_head_net(4)
+    wrapped = ForeignClassifier(net, (3, 32, 32), 4, "student", head="2")
+    xx = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(wrapped.head(wrapped.features(xx)), net(xx), atol=1e-6)
+    wrapped.head(wrapped.features(xx)).sum().backward()
+    assert net[2].weight.grad.abs().sum() > 0
 
 
 # ---- a trained zoo teacher -------------------------------------------------------------------------------------------

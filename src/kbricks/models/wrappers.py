@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
@@ -21,6 +22,32 @@ class CallableNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
+
+
+class PointwiseHead(nn.Module):
+    """A 1x1-convolution classifier (timm's ResNetV2 ``head.fc``) applied to features ``[B, C]``: the same weights, as a
+    linear map. The convolution stays where it is (held in a tuple, not registered twice), so training this head
+    trains the network's own layer."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self._conv = (conv,)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        conv = self._conv[0]
+        return F.linear(z.flatten(1), conv.weight.flatten(1), conv.bias)
+
+
+def as_head(layer: nn.Module, where: str) -> nn.Module:
+    """A classifier layer usable on features ``[B, C]``: an ``nn.Linear`` as it is, a pointwise ``nn.Conv2d`` through
+    :class:`PointwiseHead`; anything else is refused in one line."""
+    if isinstance(layer, nn.Linear):
+        return layer
+    if (isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.groups == 1
+            and layer.dilation == (1, 1) and layer.padding in ((0, 0), "valid")):
+        return PointwiseHead(layer)
+    raise ConfigError(f"{where} is a {type(layer).__name__}; a head must be an nn.Linear or a 1x1 nn.Conv2d "
+                      "(name another layer with head:, or give the network a features(x) method)")
 
 
 class ForeignClassifier(nn.Module):
@@ -59,7 +86,7 @@ class ForeignClassifier(nn.Module):
             if self.head_name not in modules:
                 raise ConfigError(f"{self.where}: the network has no layer {self.head_name!r} (head); its layers include "
                                   f"{[n for n in modules if n][:12]}")
-            self._head = (modules[self.head_name],)
+            self._head = (as_head(modules[self.head_name], f"{self.where}: head {self.head_name!r}"),)
         return self._head[0]
 
     @property

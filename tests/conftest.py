@@ -33,3 +33,23 @@ def tiny_cfg():
         return build_config(data, [f"{k}={v}" for k, v in over.items()])
 
     return make
+
+
+@pytest.fixture(scope="module")
+def kf_bricks(tmp_path_factory):
+    """A finished one-epoch digits teacher run and a one-epoch KF run (two tasks) with it as teacher, through the CLI:
+    (teacher run directory, bricks directory)."""
+    import yaml
+
+    from kbricks.cli import main
+
+    d = tmp_path_factory.mktemp("kf")
+    base = {"name": "tiny", "data": {"name": "digits", "train_subset": 256}, "model": {"name": "mlp", "kwargs": {"hidden": [16]}},
+            "optim": {"name": "adam", "lr": 0.01, "weight_decay": 0.0},
+            "train": {"epochs": 1, "batch_size": 32, "progress": "off", "plots": False}}
+    kf = dict(base, data={"name": "digits", "train_subset": 256, "tasks": {"split": 2}},
+              method={"name": "kf", "teacher": str(d / "teacher"), "tsn": {"name": "mlp", "kwargs": {"hidden": [16]}}, "tsn_dim": 4})
+    for name, cfg, run in (("t.yaml", base, "teacher"), ("kf.yaml", kf, "kf")):
+        (d / name).write_text(yaml.safe_dump(cfg))
+        assert main(["train", str(d / name), "--run-dir", str(d / run)]) == 0
+    return d / "teacher", d / "kf" / "bricks"

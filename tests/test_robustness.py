@@ -331,18 +331,6 @@ def test_interrupt_before_the_first_checkpoint_cleans_up_and_says_so(cfg, tmp_pa
 # ---- data lost: assemble --out --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def kf_bricks(tmp_path_factory):
-    """A teacher and a one-epoch KF run on digits (two tasks): its bricks."""
-    d = tmp_path_factory.mktemp("kf")
-    base = dict(TINY, data={"name": "digits", "train_subset": 256}, optim={"name": "adam", "lr": 0.01, "weight_decay": 0.0})
-    assert main(["train", str(write_cfg(d / "t.yaml", base)), "--run-dir", str(d / "teacher")]) == 0
-    kf = dict(base, data={"name": "digits", "train_subset": 256, "tasks": {"split": 2}},
-              method={"name": "kf", "teacher": str(d / "teacher"), "tsn": {"name": "mlp", "kwargs": {"hidden": [16]}}, "tsn_dim": 4})
-    assert main(["train", str(write_cfg(d / "kf.yaml", kf)), "--run-dir", str(d / "kf")]) == 0
-    return d / "teacher", d / "kf" / "bricks"
-
-
 def test_assemble_refuses_to_overwrite_an_assembly(kf_bricks, tmp_path, capsys):
     _, b = kf_bricks
     args = ["assemble", b / "ckn.json", b / "tsn-classes_0-1-2-3-4.json", "--out", tmp_path / "asm"]

@@ -57,18 +57,6 @@ def one_line_error(capsys, *args, match=()):
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished one-epoch run and a KF run with it as teacher: the run directory and the bricks."""
-    d = tmp_path_factory.mktemp("trust")
-    base = dict(TINY, data={"name": "digits", "train_subset": 256}, optim={"name": "adam", "lr": 0.01, "weight_decay": 0.0})
-    assert main(["train", str(write_cfg(d / "t.yaml", base)), "--run-dir", str(d / "teacher")]) == 0
-    kf = dict(base, data={"name": "digits", "train_subset": 256, "tasks": {"split": 2}},
-              method={"name": "kf", "teacher": str(d / "teacher"), "tsn": {"name": "mlp", "kwargs": {"hidden": [16]}}, "tsn_dim": 4})
-    assert main(["train", str(write_cfg(d / "kf.yaml", kf)), "--run-dir", str(d / "kf")]) == 0
-    return d / "teacher", d / "kf" / "bricks"
-
-
 def copy_run(run: Path, dest: Path, edit=None) -> Path:
     shutil.copytree(run, dest)
     if edit is not None:
@@ -80,10 +68,10 @@ def copy_run(run: Path, dest: Path, edit=None) -> Path:
 # ---- 1. every claim of a card or manifest is signed ------------------------------------------------------------
 
 
-def test_a_model_card_signs_every_claim_but_its_metrics(trained):
+def test_a_model_card_signs_every_claim_but_its_metrics(kf_bricks):
     from kbricks.models.card import UNSIGNED
 
-    card = json.loads((trained[0] / "model.json").read_text())
+    card = json.loads((kf_bricks[0] / "model.json").read_text())
     claims = {k: v for k, v in card.items() if k not in UNSIGNED}
     assert {"normalize", "classes", "num_classes", "in_channels", "image_size", "tasks", "model", "network", "imports"} <= set(claims)
     assert card["signature"] == sign_claims(claims, card["fingerprint"])
@@ -104,11 +92,11 @@ CARD_EDITS = [
 
 
 @pytest.mark.parametrize("field, edit", CARD_EDITS, ids=[e[0] for e in CARD_EDITS])
-def test_every_reader_refuses_a_hand_edited_card_naming_the_field(trained, tmp_path, field, edit):
+def test_every_reader_refuses_a_hand_edited_card_naming_the_field(kf_bricks, tmp_path, field, edit):
     from kbricks.models.deploy import load_model
     from kbricks.models.open import load_trained_model
 
-    run = copy_run(trained[0], tmp_path / "run", edit)
+    run = copy_run(kf_bricks[0], tmp_path / "run", edit)
     expected = (f"{run / 'model.json'} was edited after it was written: {field!r} differs from what was signed; "
                 "restore it or retrain")
     for load in (load_model, load_trained_model):
@@ -117,13 +105,13 @@ def test_every_reader_refuses_a_hand_edited_card_naming_the_field(trained, tmp_p
         assert str(info.value) == expected
 
 
-def test_a_kd_teacher_with_edited_normalize_is_refused_in_one_line(trained, tmp_path, capsys):
-    run = copy_run(trained[0], tmp_path / "teacher", lambda c: dict(c, normalize={"mean": [0.5], "std": [0.25]}))
+def test_a_kd_teacher_with_edited_normalize_is_refused_in_one_line(kf_bricks, tmp_path, capsys):
+    run = copy_run(kf_bricks[0], tmp_path / "teacher", lambda c: dict(c, normalize={"mean": [0.5], "std": [0.25]}))
     cfg = write_cfg(tmp_path / "kd.yaml", dict(TINY, method={"name": "kd", "teacher": str(run)}), out_dir=str(tmp_path / "runs"))
     one_line_error(capsys, "train", cfg, match="model.json was edited after it was written: 'normalize' differs from what was signed")
 
 
-def test_edited_claims_with_edited_digests_still_do_not_match_their_signature(trained, tmp_path):
+def test_edited_claims_with_edited_digests_still_do_not_match_their_signature(kf_bricks, tmp_path):
     from kbricks.core.checkpoint import claim_digests
     from kbricks.models.card import card_claims
     from kbricks.models.deploy import load_model
@@ -132,32 +120,32 @@ def test_edited_claims_with_edited_digests_still_do_not_match_their_signature(tr
         card = dict(card, classes=["x"] * 10)
         return dict(card, claim_digests=claim_digests(card_claims(card)))
 
-    run = copy_run(trained[0], tmp_path / "run", edit)
+    run = copy_run(kf_bricks[0], tmp_path / "run", edit)
     with pytest.raises(CheckpointError, match=r"model.json: its claims do not match their signature \(edited or corrupt\); restore it or retrain$"):
         load_model(run)
 
 
-def test_metrics_are_not_claims_and_an_unedited_copy_loads(trained, tmp_path):
+def test_metrics_are_not_claims_and_an_unedited_copy_loads(kf_bricks, tmp_path):
     from kbricks.models.deploy import load_model
 
-    run = copy_run(trained[0], tmp_path / "run", lambda c: dict(c, metrics={"note": "rounded by hand"}))
+    run = copy_run(kf_bricks[0], tmp_path / "run", lambda c: dict(c, metrics={"note": "rounded by hand"}))
     x = torch.rand(4, 1, 8, 8)
-    assert torch.equal(load_model(run)(x), load_model(trained[0])(x))
+    assert torch.equal(load_model(run)(x), load_model(kf_bricks[0])(x))
 
 
-def test_a_card_written_before_signing_loads_with_one_warning(trained, tmp_path, capsys):
+def test_a_card_written_before_signing_loads_with_one_warning(kf_bricks, tmp_path, capsys):
     from kbricks.models.deploy import load_model
 
-    run = copy_run(trained[0], tmp_path / "run", lambda c: {k: v for k, v in c.items() if k not in ("signature", "claim_digests")})
+    run = copy_run(kf_bricks[0], tmp_path / "run", lambda c: {k: v for k, v in c.items() if k not in ("signature", "claim_digests")})
     capsys.readouterr()
     load_model(run), load_model(run)
     err = capsys.readouterr().err
     assert err.count("has no signature (written before kbricks signed model cards)") == 1
 
 
-def test_an_edited_brick_manifest_names_the_field(trained, tmp_path, capsys):
+def test_an_edited_brick_manifest_names_the_field(kf_bricks, tmp_path, capsys):
     bricks = tmp_path / "bricks"
-    shutil.copytree(trained[1], bricks)
+    shutil.copytree(kf_bricks[1], bricks)
     tsn = sorted(bricks.glob("tsn-*.json"))[0]
     m = json.loads(tsn.read_text())
     tsn.write_text(json.dumps(dict(m, class_names=m["class_names"][::-1])))
@@ -166,10 +154,10 @@ def test_an_edited_brick_manifest_names_the_field(trained, tmp_path, capsys):
                     "re-export the bricks instead of editing them")
 
 
-def test_an_edited_assembled_json_names_the_field(trained, tmp_path):
+def test_an_edited_assembled_json_names_the_field(kf_bricks, tmp_path):
     from kbricks.methods.kf.bricks import assemble, load_assembled, save_assembled
 
-    b = trained[1]
+    b = kf_bricks[1]
     path = save_assembled(assemble(b / "ckn.json", sorted(b.glob("tsn-*.json"))), tmp_path / "asm")
     m = json.loads(path.read_text())
     path.write_text(json.dumps(dict(m, class_names=m["class_names"][::-1])))
@@ -179,13 +167,13 @@ def test_an_edited_assembled_json_names_the_field(trained, tmp_path):
                                "from what was signed); assemble the bricks again instead of editing it")
 
 
-def test_brick_signatures_are_unchanged_by_the_shared_signing_function(trained):
+def test_brick_signatures_are_unchanged_by_the_shared_signing_function(kf_bricks):
     """Bricks written before the signing moved to core still verify: the same hash of the same fields."""
     import hashlib
 
     from kbricks.methods.kf.bricks import SIGNED_FIELDS
 
-    m = json.loads((trained[1] / "ckn.json").read_text())
+    m = json.loads((kf_bricks[1] / "ckn.json").read_text())
     old = hashlib.sha256(m["weights_fingerprint"].encode())
     old.update(json.dumps({k: m.get(k) for k in SIGNED_FIELDS}, sort_keys=True, separators=(",", ":")).encode())
     assert m["fingerprint"] == old.hexdigest()[:16]
@@ -211,8 +199,8 @@ def test_resume_with_fewer_epochs_than_trained_is_refused_and_more_epochs_train_
 # ---- 3. evaluate on a read-only run directory; atomic run files -------------------------------------------------
 
 
-def test_evaluate_on_a_read_only_run_dir_is_one_line(trained, tmp_path, capsys, monkeypatch):
-    run = copy_run(trained[0], tmp_path / "run")
+def test_evaluate_on_a_read_only_run_dir_is_one_line(kf_bricks, tmp_path, capsys, monkeypatch):
+    run = copy_run(kf_bricks[0], tmp_path / "run")
     assert main(["evaluate", str(run)]) == 0
     assert json.loads((run / "eval_last.json").read_text())["checkpoint"] == "last"
     assert not [f for f in os.listdir(run) if f.endswith(".tmp")]
@@ -273,10 +261,10 @@ def _net(bricks: Path):
     return assemble(bricks / "ckn.json", sorted(bricks.glob("tsn-*.json")))
 
 
-def test_an_error_mid_save_leaves_nothing_and_an_existing_assembly_intact(trained, tmp_path, monkeypatch):
+def test_an_error_mid_save_leaves_nothing_and_an_existing_assembly_intact(kf_bricks, tmp_path, monkeypatch):
     from kbricks.methods.kf import bricks as bricks_module
 
-    net, out = _net(trained[1]), tmp_path / "deploy" / "asm"
+    net, out = _net(kf_bricks[1]), tmp_path / "deploy" / "asm"
     real, written = bricks_module._write_file, []
 
     def crash_after_first(path, data):
@@ -314,15 +302,15 @@ bricks.save_assembled(bricks.assemble(b / "ckn.json", sorted(b.glob("tsn-*.json"
 """
 
 
-def test_kill_9_mid_save_leaves_no_visible_file_and_the_next_save_cleans_up(trained, tmp_path, capsys):
+def test_kill_9_mid_save_leaves_no_visible_file_and_the_next_save_cleans_up(kf_bricks, tmp_path, capsys):
     out = tmp_path / "deploy" / "asm"
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(trained[1]), str(out)], env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(kf_bricks[1]), str(out)], env=env, capture_output=True, text=True)
     assert r.returncode == 9, r.stderr[-2000:]
     left = os.listdir(tmp_path / "deploy")
     assert not out.exists() and len(left) == 1 and left[0].startswith(".asm.assembling-")  # hidden, half-written
-    tsns = sorted(str(p) for p in trained[1].glob("tsn-*.json"))
-    assert main(["assemble", str(trained[1] / "ckn.json"), *tsns, "--out", str(out)]) == 0
+    tsns = sorted(str(p) for p in kf_bricks[1].glob("tsn-*.json"))
+    assert main(["assemble", str(kf_bricks[1] / "ckn.json"), *tsns, "--out", str(out)]) == 0
     assert os.listdir(tmp_path / "deploy") == ["asm"] and sorted(os.listdir(out)) == ["assembled.json", "assembled.safetensors"]
 
 

@@ -28,7 +28,8 @@ from common import report, time_interleaved
 from kbricks.continual.inference import superposition_gradient
 from kbricks.continual.supsup import SupSup
 from kbricks.models import create_model
-from kbricks.models.masked import CachedWeights, Combination, MaskBank, StoredMask, supermask
+from kbricks.models.masked import CachedWeights, Combination, MaskBank, StoredMask
+from kbricks.models.supermask import supermask
 
 TASK_COUNTS = (5, 50, 250, 1000)
 

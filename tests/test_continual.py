@@ -24,10 +24,10 @@ from kbricks.models.masked import (
     ScoreMasks,
     StoredMask,
     pack_bits,
-    supermask,
     topk_mask,
     unpack_bits,
 )
+from kbricks.models.supermask import supermask
 
 
 def test_topk_sparsity_is_exact():

@@ -9,7 +9,8 @@ from kbricks.core.hooks import Hook
 from kbricks.core.rundir import RunDirectory
 from kbricks.engine.continual import ContinualTrainer
 from kbricks.engine.experiment import build_experiment
-from kbricks.models.masked import ScoreMasks, supermask
+from kbricks.models.masked import ScoreMasks
+from kbricks.models.supermask import supermask
 
 
 def split_conv(method="supsup", **over):

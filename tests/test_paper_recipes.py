@@ -20,7 +20,7 @@ from kbricks.engine.experiment import load_config
 from kbricks.errors import DataError
 from kbricks.models import count_parameters, create_model
 from kbricks.models.factorized import TaskSpecificNetwork, task_output_size
-from kbricks.models.masked import supermask
+from kbricks.models.supermask import supermask
 from kbricks.studies import paper
 
 CONFIGS = Path(REPO) / "configs"

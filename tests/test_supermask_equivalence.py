@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kbricks.models.supermask as conversion
 from kbricks.errors import ConfigError
 from kbricks.models import masked
 from kbricks.models.masked import (
@@ -21,8 +22,8 @@ from kbricks.models.masked import (
     StoredMask,
     TaskBatchNorm,
     WrappedTaskBatchNorm,
-    supermask,
 )
+from kbricks.models.supermask import supermask
 
 # ---- hand-written subclasses with behaviour of their own ---------------------------------------------------
 
@@ -278,7 +279,7 @@ def test_unconvertible_modules_are_named(module, name, why):
 
 def test_the_check_catches_what_the_old_conversion_did(monkeypatch):
     """Replacing a subclass by a plain masked layer (the conversion before the fix) is refused by the check."""
-    monkeypatch.setattr(masked, "_plain", lambda *a: True)
+    monkeypatch.setattr(conversion, "_plain", lambda *a: True)
     for conv, bn, kind in [(nn.Conv2d, BatchNormReLU, "BatchNormReLU ('1', '4')"),
                            (TFSameConv2d, nn.BatchNorm2d, "TFSameConv2d ('0')"),
                            (StandardisedConv2d, nn.BatchNorm2d, "StandardisedConv2d ('0')")]:

@@ -11,7 +11,8 @@ from kbricks.core.checkpoint import load_checkpoint, load_safetensors, load_stat
 from kbricks.engine.experiment import build_experiment
 from kbricks.engine.run import run_continual
 from kbricks.models import create_model
-from kbricks.models.masked import FixedMasks, MaskBank, StoredMask, supermask
+from kbricks.models.masked import FixedMasks, MaskBank, StoredMask
+from kbricks.models.supermask import supermask
 
 
 def random_masks(net, n, seed=0):

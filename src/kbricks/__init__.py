@@ -29,7 +29,7 @@ from .methods.kf.bricks import assemble, load_assembled, load_brick, save_assemb
 from .models._factory import zoo
 from .models.deploy import load_model
 from .models.foreign import NetworkSpec
-from .models.masked import supermask
+from .models.supermask import supermask
 
 __all__ = [
     "__version__", "assemble", "build_config", "evaluate", "export", "load_assembled", "load_brick", "load_config", "load_model",

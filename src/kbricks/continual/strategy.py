@@ -28,7 +28,8 @@ from torch import nn
 from ..config import OptimConfig
 from ..methods.base import Batch, Method, MethodContext, MethodParams
 from ..models import create_model
-from ..models.masked import MaskSource, SupermaskNet, supermask
+from ..models.masked import MaskSource, SupermaskNet
+from ..models.supermask import supermask
 
 
 @dataclass

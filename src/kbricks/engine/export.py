@@ -27,7 +27,7 @@ from torch import nn
 from .. import methods as _methods  # noqa: F401  (methods register the network files they write, e.g. KF's assembled.json)
 from .._version import __version__
 from ..core.checkpoint import read_json
-from ..core.io import storage_error, writable_dir
+from ..core.io import first_line, storage_error, writable_dir
 from ..errors import KbricksError, StorageError
 from ..models.deploy import load_model
 from ..models.exported import load_program, read_extra_file
@@ -104,11 +104,6 @@ def _output_names(net: nn.Module, out) -> List[str]:
     return ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 def _torchscript(net: nn.Module, x: torch.Tensor, tmp: Path, meta: Dict[str, Any], how: str) -> str:
     module, note = None, ""
     if how in ("auto", "script"):
@@ -117,13 +112,13 @@ def _torchscript(net: nn.Module, x: torch.Tensor, tmp: Path, meta: Dict[str, Any
             how = "script"
         except Exception as exc:  # user code TorchScript cannot compile
             if how == "script":
-                raise KbricksError(f"torch.jit.script cannot compile the network ({_first_line(exc)}); export with torchscript='trace'") from None
-            note = f"torch.jit.script failed ({_first_line(exc)}); traced on the example input instead"
+                raise KbricksError(f"torch.jit.script cannot compile the network ({first_line(exc, 200)}); export with torchscript='trace'") from None
+            note = f"torch.jit.script failed ({first_line(exc, 200)}); traced on the example input instead"
     if module is None:
         try:
             module = torch.jit.trace(net, x, strict=False, check_trace=False)
         except Exception as exc:
-            raise KbricksError(f"torch.jit.trace failed on the network ({_first_line(exc)})") from None
+            raise KbricksError(f"torch.jit.trace failed on the network ({first_line(exc, 200)})") from None
         how = "trace"
     meta["torchscript"] = how
     torch.jit.save(module, str(tmp), _extra_files={"kbricks.json": json.dumps(meta)})
@@ -141,10 +136,10 @@ def _exported(net: nn.Module, x: torch.Tensor, tmp: Path, meta: Dict[str, Any]) 
         try:
             program = torch.export.export(net, (x,))
         except Exception as exc:
-            raise KbricksError(f"torch.export.export failed on the network ({_first_line(exc)}); data-dependent Python control "
+            raise KbricksError(f"torch.export.export failed on the network ({first_line(exc, 200)}); data-dependent Python control "
                                "flow needs torch.cond, or export with format='onnx' or 'torchscript'") from None
         meta["batch"] = int(x.shape[0])
-        note = f"; fixed batch size {int(x.shape[0])} (a dynamic batch failed: {_first_line(dynamic_failure)})"
+        note = f"; fixed batch size {int(x.shape[0])} (a dynamic batch failed: {first_line(dynamic_failure, 200)})"
     with open(tmp, "wb") as f:  # a file object: torch.export.save names its archive after a path, not after a tmp name
         torch.export.save(program, f, extra_files={"kbricks.json": json.dumps(meta)})
     return f"torch.export, {'dynamic batch' if meta['batch'] == 'dynamic' else 'fixed batch'}{note}"
@@ -166,7 +161,7 @@ def _onnx(net: nn.Module, x: torch.Tensor, tmp: Path, meta: Dict[str, Any], name
             torch.onnx.export(net, (x,), str(tmp), input_names=["input"], output_names=names, opset_version=opset,
                               dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False, dynamo=True)
     except Exception as exc:
-        raise KbricksError(f"torch.onnx.export failed on the network ({_first_line(exc)}); try format='torchscript'") from None
+        raise KbricksError(f"torch.onnx.export failed on the network ({first_line(exc, 200)}); try format='torchscript'") from None
     finally:
         onnx_log.setLevel(level)
     model = onnx.load(str(tmp))

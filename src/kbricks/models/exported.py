@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterator, Optional, Set
 import torch
 from torch import nn
 
+from ..core.io import first_line
 from ..errors import CheckpointError, ConfigError
 
 _FORMAT, _VERSION, _MODELS, _WEIGHTS, _CONSTANTS, _SAMPLES, _AOTI = (
@@ -89,8 +90,7 @@ def check_exported_archive(path: Path, where: str) -> None:
         with zipfile.ZipFile(path) as z:
             _inspect(z, root, f"{where}: {path} is refused: ", where, path)
     except (ValueError, KeyError, AttributeError, TypeError, zipfile.BadZipFile, OSError) as exc:  # records cut or edited
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{where}: torch.export file {path} is corrupt or unreadable ({first})") from None
+        raise CheckpointError(f"{where}: torch.export file {path} is corrupt or unreadable ({first_line(exc, 200)})") from None
 
 
 def _inspect(z: zipfile.ZipFile, root: str, refuse: str, where: str, path: Path) -> None:
@@ -173,8 +173,7 @@ def load_program(path: Path, where: str, extra_files: Optional[Dict[str, str]] =
         with open(path, "rb") as f:  # a file object: torch expects a path to end in .pt2, kbricks reads any name
             program = torch.export.load(f, extra_files=extra_files)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{where}: torch.export file {path} is corrupt or unreadable ({first})") from None
+        raise CheckpointError(f"{where}: torch.export file {path} is corrupt or unreadable ({first_line(exc, 200)})") from None
     finally:
         log.setLevel(level)
     _check_operators(program, path, where)

@@ -5,7 +5,8 @@ Each block is preceded by a marker comment that says how it is checked:
 - ``<!-- doc-test: run -->`` (Python): executed, in a fresh namespace, in a temporary directory. Names a block uses
   without defining them (``teacher``, ``x_train``, ``MyNet`` ...) come from :data:`GIVEN`: tiny networks and data,
   so a block that trains for its real budget finishes in seconds.
-- ``<!-- doc-test: run after=FILE:LINE -->``: executed in the namespace left by an earlier block of the same file.
+- ``<!-- doc-test: run after=previous -->``: executed in the namespace left by the previous ``run`` block of the
+  same file (its models, datasets, files), in the same directory.
 - ``<!-- doc-test: parse -->`` (shell): every ``kbricks ...`` command (also behind ``torchrun ... -m kbricks``) is
   parsed by the real command-line parser, and every repository path it names (configs/, examples/) exists.
 - ``<!-- doc-test: skip (reason) -->``: not checked; the reason says why (e.g. it trains for hours).
@@ -159,11 +160,11 @@ _namespaces: Dict[str, dict] = {}
 
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.mode == "run"], ids=lambda b: b.name)
 def test_python_blocks_run(block, tmp_path_factory, monkeypatch):
-    after = re.search(r"after=(\S+)", block.arg)
-    if after:
-        if after.group(1) not in _namespaces:
-            pytest.skip(f"runs after {after.group(1)}, which did not run")
-        ns = _namespaces[after.group(1)]
+    if "after=previous" in block.arg:
+        runs = [b for b in BLOCKS if b.file == block.file and b.mode == "run" and b.line < block.line]
+        assert runs, f"{block.name}: after=previous, but no run block comes before it in {block.file.name}"
+        assert runs[-1].name in _namespaces, f"{block.name} runs after {runs[-1].name}, which did not run (or failed)"
+        ns = _namespaces[runs[-1].name]
         monkeypatch.chdir(ns["__docdir__"])
     else:
         work = tmp_path_factory.mktemp(block.name.replace(".", "_").replace(":", "_"))

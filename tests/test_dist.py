@@ -19,6 +19,7 @@ def _env():
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # the sync-BatchNorm case below covers DDP with the same comparison in the default suite
 def test_two_rank_ddp_matches_single_process_with_double_batch(tmp_path):
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     ddp.mkdir(), single.mkdir()

@@ -226,6 +226,7 @@ def test_state_digest_sees_weights_and_masks_but_not_batchnorm_statistics():
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # a whole recipe under torchrun; test_dist.py covers DDP in the default suite
 def test_recipe_under_torchrun_two_cpu_ranks(tmp_path):
     """`torchrun -m kbricks reproduce --scale paper` with 2 CPU ranks (gloo): the KF CIFAR-10 recipe (teacher, KF,
     KD) trains as DDP, rank 0 alone writes, and every run ends with the ranks holding the same weights. SyncBatchNorm

@@ -170,6 +170,7 @@ def test_multihead_teacher_on_dsprites(tmp_path):
     assert "train/ce_shape" in rows[0] and "train/ce_pos_x" in rows[0]
 
 
+@pytest.mark.slow  # a full-budget reproduction; the other trainer tests check the loop on tiny budgets
 def test_digits_teacher_reaches_97_percent(tmp_path):
     """The shipped teacher recipe (the issue's acceptance bar: >= 97% on digits)."""
     from conftest import REPO

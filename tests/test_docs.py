@@ -158,22 +158,30 @@ def given() -> Dict[str, object]:
 _namespaces: Dict[str, dict] = {}
 
 
-@pytest.mark.parametrize("block", [b for b in BLOCKS if b.mode == "run"], ids=lambda b: b.name)
-def test_python_blocks_run(block, tmp_path_factory, monkeypatch):
+def _run_block(block: Block, tmp_path_factory, monkeypatch) -> dict:
+    """Execute ``block`` (after its predecessor, run here first if this process has not run it: pytest-xdist may
+    have sent it elsewhere) and keep its namespace."""
+    from kbricks.core.plots import wait_for_plots
+
+    if block.name in _namespaces:
+        return _namespaces[block.name]
     if "after=previous" in block.arg:
         runs = [b for b in BLOCKS if b.file == block.file and b.mode == "run" and b.line < block.line]
         assert runs, f"{block.name}: after=previous, but no run block comes before it in {block.file.name}"
-        assert runs[-1].name in _namespaces, f"{block.name} runs after {runs[-1].name}, which did not run (or failed)"
-        ns = _namespaces[runs[-1].name]
+        ns = _run_block(runs[-1], tmp_path_factory, monkeypatch)
         monkeypatch.chdir(ns["__docdir__"])
     else:
         work = tmp_path_factory.mktemp(block.name.replace(".", "_").replace(":", "_"))
         monkeypatch.chdir(work)
         ns = {**given(), "__docdir__": work, "__name__": f"doc_{block.file.stem}"}
-    from kbricks.core.plots import wait_for_plots
-
     try:
         exec(compile(block.code, block.name, "exec"), ns)  # noqa: S102 - the repository's own docs
     finally:
         wait_for_plots()  # drawn on a background thread, into this block's directory
     _namespaces[block.name] = ns
+    return ns
+
+
+@pytest.mark.parametrize("block", [b for b in BLOCKS if b.mode == "run"], ids=lambda b: b.name)
+def test_python_blocks_run(block, tmp_path_factory, monkeypatch):
+    _run_block(block, tmp_path_factory, monkeypatch)

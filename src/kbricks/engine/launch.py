@@ -66,10 +66,9 @@ def _job(fn_name: Tuple[str, str], args: tuple, kwargs: dict, threads: int, path
     unpickling the job needs only kbricks, and the function's module is imported once the path is set."""
     import importlib
 
-    from .parallel import _init_worker, _worker_settings
+    from .parallel import _init_worker
 
     _init_worker(threads, path, modules)
-    _worker_settings(threads)  # again: an imported plugin module may have set its own thread count
     fn: Any = importlib.import_module(fn_name[0])
     for part in fn_name[1].split("."):
         fn = getattr(fn, part)

@@ -94,13 +94,13 @@ def _init_worker(threads: int, path: List[str], modules: List[str]) -> None:
     import importlib
     import sys
 
-    _worker_settings(threads)
     sys.path[:0] = [p for p in path if p not in sys.path]
     for name in modules:
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - the run that needs it reports the unknown name
             pass
+    _worker_settings(threads)  # after the imports: a plugin module may set its own thread count when imported
 
 
 def timed(fn: Callable[..., Any], *args, **kwargs) -> Tuple[Any, float, float]:

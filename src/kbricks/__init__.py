@@ -12,6 +12,8 @@ Config files (teachers, sources and models may be kbricks runs, TorchScript file
     cfg = kbricks.load_config("configs/kf/digits.yaml", ["seed=1"])   # or kbricks.build_config({...})
     summary = kbricks.train(cfg, run_dir="runs/kf-digits")           # any method; continual configs too
     net = kbricks.assemble("runs/kf-digits/bricks/ckn.json", [...])  # bricks -> one network, no fine-tuning
+    net = kbricks.assemble(store="runs", classes=["cat", "dog", 7])  # or the fewest bricks that cover these classes
+    found = kbricks.scan_bricks("runs").search(classes=["cat"])      # the brick catalog (kbricks bricks list|show|search)
     report = kbricks.evaluate("runs/kf-digits")
     kbricks.save_assembled(net, "runs/asm"); net = kbricks.load_assembled("runs/asm")  # takes raw inputs
     student = kbricks.load_model("runs/kd-digits")                   # a run's network, taking raw inputs
@@ -25,7 +27,10 @@ from .engine.experiment import build_config, load_config
 from .engine.export import export
 from .engine.run import run_training as train
 from .errors import CheckpointError, ConfigError, DataError, KbricksError, TrainingDiverged
-from .methods.kf.bricks import assemble, load_assembled, load_brick, save_assembled
+from .methods.kf.bricks import load_assembled, load_brick, save_assembled
+from .methods.kf.catalog import assemble
+from .methods.kf.catalog import choose as choose_bricks
+from .methods.kf.catalog import scan as scan_bricks
 from .models._factory import zoo
 from .models.deploy import load_model
 from .models.foreign import NetworkSpec
@@ -33,7 +38,7 @@ from .models.supermask import supermask
 
 __all__ = [
     "__version__", "assemble", "build_config", "evaluate", "export", "load_assembled", "load_brick", "load_config", "load_model",
-    "save_assembled", "train",
+    "save_assembled", "train", "scan_bricks", "choose_bricks",
     "factorize", "distill", "learn_continually", "accuracy", "supermask", "zoo", "NetworkSpec", "Run", "Factorization", "ContinualRun",
     "CheckpointError", "ConfigError", "DataError", "KbricksError", "TrainingDiverged",
 ]

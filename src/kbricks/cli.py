@@ -75,9 +75,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_assemble(args: argparse.Namespace) -> int:
     from .methods.kf.bricks import assemble, save_assembled
 
-    net = assemble(args.ckn, args.tsn)
-    path = save_assembled(net, Path(args.out), overwrite=args.overwrite)
-    result: dict = {"assembled": str(path), "tasks": [t.name for t in net.tasks], "classes": net.classes or None}
+    if args.store or args.classes:
+        net, selection = _assemble_from_store(args)
+    else:
+        if not args.ckn or not args.tsn:
+            raise KbricksError("assemble needs a CKN brick and TSN bricks (kbricks assemble CKN TSN... --out DIR), "
+                               "or --store DIR --classes A,B to find them")
+        if not args.out:
+            raise KbricksError("assemble needs --out DIR (where to write the assembled network)")
+        net, selection = assemble(args.ckn, args.tsn), None
+    path = save_assembled(net, Path(args.out), overwrite=args.overwrite) if args.out else None
+    result: dict = {"assembled": str(path) if path else None, "tasks": [t.name for t in net.tasks], "classes": net.classes or None}
+    if selection is not None:
+        result.update(class_names=net.info.get("class_names"), chosen=selection.to_dict())
+        print(f"kbricks: chose {selection.line()}", file=sys.stderr)
     if args.evaluate:
         from .config import DataConfig
         from .engine.experiment import build_transform, load_data
@@ -87,6 +98,47 @@ def _cmd_assemble(args: argparse.Namespace) -> int:
         data = load_data(data_cfg)
         result.update(assembled_report(net, data, build_transform(data_cfg, data.train)))
     _print(result)
+    return 0
+
+
+def _assemble_from_store(args: argparse.Namespace):
+    from .methods.kf.catalog import assemble_selection, choose
+
+    if args.ckn or args.tsn:
+        raise KbricksError("give either brick paths or --store with --classes, not both")
+    if not (args.store and args.classes):
+        raise KbricksError("assembling by classes needs both --store DIR... and --classes A,B,...")
+    selection = choose(args.store, args.classes)
+    return assemble_selection(selection), selection
+
+
+def _cmd_bricks(args: argparse.Namespace) -> int:
+    """The brick catalog: list, show, search (exit 1 when a search finds nothing, like grep)."""
+    from .methods.kf import catalog
+
+    if args.action == "show":
+        brick = catalog.describe(args.brick)
+        print(json.dumps(brick.to_dict(), indent=2) if args.json else catalog.show_text(brick))
+        return 0
+    found = catalog.scan(args.dirs)
+    if args.action == "list":
+        print(json.dumps({"bricks": [b.to_dict() for b in found.bricks], "refused": [r.to_dict() for r in found.refused]}, indent=2)
+              if args.json else catalog.catalog_text(found))
+        return 0
+    matches = found.search(classes=args.classes, ckn=args.ckn, task=args.task)
+    refused = f" ({len(found.refused)} manifest(s) refused; kbricks bricks list shows why)" if found.refused else ""
+    if args.json:
+        print(json.dumps({"matches": [m.to_dict() for m in matches], "refused": [r.to_dict() for r in found.refused]}, indent=2))
+    else:
+        for m in matches:
+            held = f"  holds {', '.join(m.classes)}" if m.classes else ""
+            print(catalog.brick_line(m.brick) + held)
+    if not matches:
+        asked = ", ".join(f"{k} {v}" for k, v in (("classes", args.classes), ("ckn", args.ckn), ("task", args.task)) if v)
+        print(f"kbricks: no brick under {', '.join(args.dirs)} matches {asked}{refused}", file=sys.stderr)
+        return 1
+    if refused:
+        print(f"kbricks:{refused}", file=sys.stderr)
     return 0
 
 
@@ -238,13 +290,33 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baseline", help="KF runs: run directory of a KD student to compare with")
     e.set_defaults(func=_cmd_evaluate)
 
-    a = sub.add_parser("assemble", help="combine a CKN brick and TSN bricks into one network, without fine-tuning")
-    a.add_argument("ckn", help="the CKN brick manifest (bricks/ckn.json)")
-    a.add_argument("tsn", nargs="+", help="TSN brick manifests (bricks/tsn-<task>.json)")
-    a.add_argument("--out", required=True, help="directory for assembled.safetensors + assembled.json")
+    a = sub.add_parser("assemble", help="combine a CKN brick and TSN bricks into one network, without fine-tuning; or find the "
+                                        "bricks covering some classes in a store (--store DIR --classes cat,dog,7)")
+    a.add_argument("ckn", nargs="?", help="the CKN brick manifest (bricks/ckn.json)")
+    a.add_argument("tsn", nargs="*", help="TSN brick manifests (bricks/tsn-<task>.json)")
+    a.add_argument("--store", nargs="+", metavar="DIR", help="directories of runs or bricks to choose from (with --classes)")
+    a.add_argument("--classes", help="comma-separated class names or ids the network must cover (with --store)")
+    a.add_argument("--out", help="directory for assembled.safetensors + assembled.json (optional with --store: "
+                                 "without it the choice is only reported)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing assembly in --out")
     a.add_argument("--evaluate", action="store_true", help="score it (and its teacher) on the CKN's test split")
     a.set_defaults(func=_cmd_assemble)
+
+    br = sub.add_parser("bricks", help="the brick catalog: list, show or search the bricks under run directories / brick folders")
+    brs = br.add_subparsers(dest="action", required=True)
+    bl = brs.add_parser("list", help="every brick under DIR... (recursively), grouped by CKN, and the manifests refused")
+    bl.add_argument("dirs", nargs="+", metavar="DIR")
+    bs = brs.add_parser("show", help="everything one brick's manifest says, after verifying it")
+    bs.add_argument("brick", help="a brick manifest (bricks/tsn-<task>.json)")
+    bq = brs.add_parser("search", help="bricks that hold some classes (names or ids), bind to a CKN, or have a task; "
+                                       "exit 1 when none does")
+    bq.add_argument("dirs", nargs="+", metavar="DIR")
+    bq.add_argument("--classes", help="comma-separated class names or ids: bricks holding any of them")
+    bq.add_argument("--ckn", metavar="FINGERPRINT", help="bricks of this CKN (its fingerprint or a prefix)")
+    bq.add_argument("--task", help="task name (or latent), shell wildcards allowed")
+    for sp in (bl, bs, bq):
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+    br.set_defaults(func=_cmd_bricks)
 
     ex = sub.add_parser("export", help="export an assembled network or a trained run's network to torch.export (.pt2), ONNX or "
                                        "TorchScript (checked against PyTorch)")

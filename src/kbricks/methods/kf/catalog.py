@@ -409,7 +409,11 @@ def assemble(ckn_path: Optional[PathLike] = None, tsn_paths: Optional[Sequence[P
         raise KbricksError("assemble takes either brick paths or store=... with classes=..., not both")
     if store is None or classes is None:
         raise KbricksError("assemble by classes needs both store=... (directories of bricks or runs) and classes=[...]")
-    selection = choose(store, classes)
+    return assemble_selection(choose(store, classes))
+
+
+def assemble_selection(selection: Selection):
+    """The network of a :func:`choose` result (bricks verified again as they load), with ``net.selection`` set."""
     net = assemble_bricks(selection.ckn.path, [t.path for t in selection.tsns])
     net.selection = selection
     return net
@@ -477,5 +481,5 @@ def show_text(b: BrickInfo) -> str:
     return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in rows)
 
 
-__all__ = ["BrickInfo", "Catalog", "Match", "Refusal", "Selection", "assemble", "choose", "describe", "parse_classes",
+__all__ = ["BrickInfo", "Catalog", "Match", "Refusal", "Selection", "assemble", "assemble_selection", "choose", "describe", "parse_classes",
            "resolve_classes", "scan"]

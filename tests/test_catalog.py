@@ -9,6 +9,7 @@ from torch import nn
 
 import kbricks
 from kbricks.cli import main
+from kbricks.errors import CheckpointError
 from kbricks.methods.kf.bricks import BrickMismatchError, signature
 from kbricks.methods.kf.catalog import choose, describe, scan
 
@@ -57,6 +58,7 @@ def test_list_describes_every_brick_and_ignores_other_json(store):
     assert t.parameters == sum(v.numel() for v in kbricks.load_brick(t.path)[1].values())
     manifest = json.loads(t.path.read_text())
     assert t.accuracy == pytest.approx(manifest["metrics"]["acc"]) and t.normalize == manifest["normalize"]
+    assert describe(t.path.with_suffix("")) == t  # one brick, named with or without .json
     d = t.to_dict()
     assert d["classes"] == [{"id": 2, "name": "bird"}, {"id": 3, "name": "frog"}] and d["ckn_fingerprint"] == ckn_a
 
@@ -139,6 +141,8 @@ def test_corrupt_and_edited_manifests_are_listed_as_refused(store, tmp_path):
     (bad / "tsn-classes_2-3.json").write_text(json.dumps(m2))
     refused = {r.path.name: r.reason for r in scan(bad).refused}
     assert "malformed manifest (TypeError" in refused["tsn-classes_2-3.json"]
+    with pytest.raises(CheckpointError, match="not a readable JSON|not a JSON document"):
+        describe(bad / "tsn-broken.json")
 
 
 def test_cli_list_show_search_and_assemble(store, tmp_path, capsys):
@@ -154,6 +158,9 @@ def test_cli_list_show_search_and_assemble(store, tmp_path, capsys):
     assert "classes:" in shown and "4:ship 5:car" in shown and "verified" in shown
     assert main(["bricks", "show", str(a.bricks["classes_4-5"]), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["task"] == "classes_4-5"
+    (tmp_path / "tsn-bad.json").write_text("{")
+    assert main(["bricks", "show", str(tmp_path / "tsn-bad.json")]) == 2
+    assert "is not a JSON document" in capsys.readouterr().err
     assert main(["bricks", "search", str(root), "--classes", "car", "--task", "classes_4*", "--json"]) == 0
     assert [m["task"] for m in json.loads(capsys.readouterr().out)["matches"]] == ["classes_4-5"]
     # a search that finds nothing: one line on stderr, exit 1 (like grep); errors stay exit 2

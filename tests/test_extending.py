@@ -275,3 +275,26 @@ def test_a_dense_continual_strategy_in_one_file_trains_through_the_engine(tmp_pa
     rows = [json.loads(line) for line in (tmp_path / "l2" / "metrics.jsonl").read_text().splitlines()]
     l2_terms = [r["train/l2"] for r in rows if "train/l2" in r]
     assert l2_terms and all(v >= 0 for v in l2_terms) and not any("train/l2" in r for r in rows if r.get("task") == 1)
+
+
+def test_the_baselines_keep_their_plugin_state_across_a_resume_and_count_what_they_store(tmp_path):
+    """EWC (Fisher + anchor), LwF (the teacher) and ER (the buffer) stopped after a task and resumed give the
+    uninterrupted run's accuracy matrix; per-task bytes count a head's rows and the replayed samples."""
+    from kbricks import build_config
+    from kbricks.engine.run import run_continual
+
+    def cfg(method, **extra):
+        return build_config({"name": method, "data": {"name": "digits", "scenario": {"name": "split", "num_tasks": 5}},
+                             "model": {"name": "masked_mlp", "kwargs": {"hidden": [32]}}, "method": {"name": method, "head": "per_task", **extra},
+                             "optim": {"name": "adam", "lr": 0.01, "weight_decay": 0.0, "schedule": "constant"},
+                             "train": {"epochs": 2, "batch_size": 64, "progress": "off", "plots": False}}, [])
+
+    head = 4 * 32 * 2  # one task's two rows of the 32 -> 10 output layer (bias-free)
+    sample = 4 * 64 + 8 + 8  # an 8x8 float32 image, its label and its task id
+    for method, extra, per_task in (("ewc", {"fisher_samples": 50}, head), ("lwf", {}, head), ("er", {"buffer_per_task": 20}, head + 20 * sample)):
+        full = run_continual(cfg(method, **extra), tmp_path / f"{method}-full")
+        assert run_continual(cfg(method, **extra), tmp_path / f"{method}-part", stop_after=2)["stopped_after"] == 2
+        resumed = run_continual(cfg(method, **extra), tmp_path / f"{method}-part", resume=True)
+        assert resumed["accuracy_matrix"] == full["accuracy_matrix"], method
+        assert full["bytes_per_task"] == per_task and full["uses_task_id"], method
+    assert full["fixed_bytes"] == 0 and full["plugins"]["replay"]["stored"] == 5 * 20

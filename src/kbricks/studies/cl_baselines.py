@@ -99,7 +99,9 @@ def run_cl_baselines_study(seeds: Sequence[int], out: Path, quick: bool = False,
                 rec[f"{method}/{head}"] = r
                 log(f"[cl-baselines:{scenario}] seed {seed}: {method} {SETTING[head]} {r['avg_acc']:.4f} (forgetting {r['forgetting']:.4f})")
         runs.append(rec)
-    summary = {"study": f"cl-baselines-{scenario}", "title": spec.title, "seeds": list(seeds), "quick": quick, "epochs_per_task": epochs,
+    quick_epochs = [int(o.split("=")[1]) for o in quick_over if o.startswith("train.epochs=")]
+    summary = {"study": f"cl-baselines-{scenario}", "title": spec.title, "seeds": list(seeds), "quick": quick,
+               "epochs_per_task": quick_epochs[-1] if quick_epochs else epochs,
                "task_free_head": TASK_FREE_HEAD[scenario], "minutes": round((time.time() - t_start) / 60, 2), "runs": runs}
     write_study(out / "study.json", summary)
     return summary

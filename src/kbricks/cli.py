@@ -188,6 +188,10 @@ def _study(args: argparse.Namespace) -> int:
     common = dict(quick=args.quick, configs=Path(args.configs) if args.configs else None)
     if args.kind == "sskt":
         summary = run_sskt_study(args.seeds, Path(args.out), **common)
+    elif args.kind == "cl" and args.baselines:
+        from .studies.cl_baselines import run_cl_baselines_study
+
+        summary = run_cl_baselines_study(args.seeds, Path(args.out), scenario=args.scenario, **common)
     elif args.kind == "cl":
         summary = run_cl_study(args.seeds, Path(args.out), scenario=args.scenario, **common)
     else:
@@ -347,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--dataset", choices=["digits", "mnist5k", "dsprites", "digits-ablation", "dsprites-ablation", "selection"],
                     help="kf only: a main study, an IMB ablation, or the validation-split selection of hyper-parameters")
     st.add_argument("--scenario", choices=["permuted", "rotated", "split", "scale"], default="permuted", help="cl only")
+    st.add_argument("--baselines", action="store_true", help="cl only: SupSup and ImpressLearn beside fine-tuning, EWC, LwF and "
+                    "ER (task-incremental and without the task id) on --scenario permuted, rotated or split")
     st.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     st.add_argument("--out", default="results/runs")
     st.add_argument("--quick", action="store_true", help="small budgets (smoke test)")

@@ -40,7 +40,7 @@ from ..config import OptimConfig
 from ..errors import ConfigError
 from ..methods.base import METHODS
 from ..models.masked import CachedWeights, Combination, MaskedLayer, MaskSource, ScoreMasks, StoredMask, unpack_bits
-from .strategy import ContinualStrategy, Stage, StrategyParams
+from .strategy import Stage, StrategyParams, SupermaskStrategy
 
 
 def alpha_regulariser(alpha: torch.Tensor) -> torch.Tensor:
@@ -49,7 +49,7 @@ def alpha_regulariser(alpha: torch.Tensor) -> torch.Tensor:
 
 
 @METHODS.register("impresslearn", tags=("continual",))
-class ImpressLearn(ContinualStrategy):
+class ImpressLearn(SupermaskStrategy):
     class Config(StrategyParams):
         impressions: int = Field(5, ge=1, description="k, the number of impression masks")
         source: Literal["heterogeneous", "homogeneous", "random", "stored"] = Field(

@@ -14,11 +14,11 @@ from torch import nn
 
 from ..methods.base import METHODS
 from ..models.masked import MaskSource, ScoreMasks, StoredMask
-from .strategy import ContinualStrategy, Stage
+from .strategy import Stage, SupermaskStrategy
 
 
 @METHODS.register("supsup", tags=("continual",))
-class SupSup(ContinualStrategy):
+class SupSup(SupermaskStrategy):
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
         self.scores = nn.ParameterList()

@@ -108,8 +108,8 @@ class ContinualTrainer:
         data, bs = self.tasks[j], self.cfg.train.eval_batch_size
         x = self.exp.transform(data.test.x.to(self.exp.device), train=False)
         self.strategy.eval()
-        logits = torch.cat([self.strategy.predict_task(x[i:i + bs], j) for i in range(0, len(x), bs)])
-        return (logits[:, : data.num_classes].argmax(1).cpu() == data.test.y).float().mean().item()
+        labels = torch.cat([self.strategy.predicted_labels(x[i:i + bs], j) for i in range(0, len(x), bs)])
+        return (labels.cpu() == data.test.y).float().mean().item()
 
     # ---- the run ---------------------------------------------------------------------------------------------
     def fit(self, stop_after: Optional[int] = None) -> Dict[str, Any]:

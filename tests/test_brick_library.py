@@ -194,3 +194,20 @@ def test_amalgamate_overlapping_teachers_from_the_cli(lib, tmp_path):
     # a brick of the amalgamation does not assemble with the KF run's CKN
     with pytest.raises(BrickMismatchError, match="bricks only assemble with the CKN"):
         assemble(lib / "kf/bricks/ckn.json", [bricks / "tsn-classes_5-6-7-8-9.json"])
+
+
+def test_library_claims_follow_their_rules(tmp_path):
+    from kbricks.studies.claims import evaluate_claims
+    from kbricks.studies.common import write_study
+    from kbricks.studies.library import amalgamation_claim, ckn_unchanged_claim, extend_claim
+
+    rep = {"teacher/acc": 0.98, "joint/acc": 0.97, "extend/acc": 0.965, "ckn_files_unchanged": True, "ckn_tensors_equal": True,
+           "teacher_low/acc": 0.99, "teacher_high/acc": 0.99, "amal/acc_low": 0.985, "amal/acc_high": 0.97, "amal/acc": 0.975,
+           "kd/acc": 0.97, "amal/params": 100, "kd/params": 102}
+    write_study(tmp_path / "library/digits/study.json", {"summary": {"minutes": 1.0}, "reports": [rep, {**rep, "extend/acc": 0.958}]})
+    assert extend_claim("digits")(tmp_path)[0] == "partly"  # -0.5 and -1.2 points: within 1 point on the mean only
+    assert amalgamation_claim("digits")(tmp_path)[0] == "does not hold"  # {5-9}: -2 points in every seed
+    assert ckn_unchanged_claim(tmp_path)[0] == "holds"
+    assert extend_claim("mnist5k")(tmp_path) is None
+    rows = {r["paper"][:40]: r["verdict"] for r in evaluate_claims(tmp_path) if r["area"] == "KF library"}
+    assert len(rows) == 7 and "not run" in rows.values()

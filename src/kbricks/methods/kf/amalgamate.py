@@ -38,7 +38,8 @@ from ...errors import ConfigError
 from ...models.factorized import task_output_size
 from ...models.spec import NetworkSpec, as_spec
 from .._teacher import TEACHER_HELP, load_network
-from ..base import METHODS, Batch, MethodContext
+from ..base import METHODS, Batch, Method, MethodContext, MethodParams
+from ..kd import kd_loss
 from .bricks import _write, build_ckn, load_brick
 from .method import KnowledgeFactorization
 
@@ -282,6 +283,59 @@ class KFExtension(_MultiTeacherKF):
         super().__init__(params, ctx, [entry], params.ckn, "kf_extend")
 
 
+def union_targets(outs: Sequence[torch.Tensor], classes: Sequence[torch.Tensor], y: torch.Tensor, num_classes: int,
+                  temperature: float) -> torch.Tensor:
+    """The multi-teacher KD target (the amalgamation's baseline), as logits over the union label space: each teacher's
+    tempered softmax placed at its classes, for the samples whose label is among its classes (the same label gate as
+    the TSN targets), averaged over the teachers that qualify; T * log of it (floored), so its softmax at T is it."""
+    probs = outs[0].new_zeros(outs[0].shape[0], num_classes)
+    count = outs[0].new_zeros(outs[0].shape[0], 1)
+    for logits, cls in zip(outs, classes):
+        cls = cls.to(logits.device)
+        gate = torch.isin(y, cls).to(logits.dtype)[:, None]
+        probs[:, cls] += gate * F.softmax(logits / temperature, dim=1)
+        count += gate
+    return temperature * (probs / count.clamp_min(1)).clamp_min(1e-30).log().clamp_min(LOG_FLOOR)
+
+
+@METHODS.register("kd_amalgamate", tags=("distillation",))
+class MultiTeacherKD(Method):
+    """One student distilled from several teachers of their own label spaces (the baseline of kf_amalgamate):
+    ``alpha * T^2 KL(union target || student) + (1 - alpha) CE``, the union target from :func:`union_targets`."""
+
+    class Config(MethodParams):
+        teachers: List[TeacherEntry] = Field(..., min_length=1, description="each: {path, classes}")
+        temperature: float = Field(4.0, gt=0)
+        alpha: float = Field(0.9, ge=0, le=1, description="weight of the KD term; 1 - alpha weighs the CE term")
+
+    def __init__(self, params: "MultiTeacherKD.Config", ctx: MethodContext):
+        from ..supervised import build_network
+
+        super().__init__()
+        self.params, self.tasks, self.num_classes = params, ctx.tasks, ctx.train.num_classes
+        loader = _MultiTeacherKF._load_teacher
+        holder = type("Holder", (), {"_entries": params.teachers, "teacher_classes": []})()
+        if any(e.classes is None for e in params.teachers) and len(params.teachers) > 1:
+            raise ConfigError("method.teachers[i].classes: list the global class id of each teacher's outputs")
+        self.teacher = loader(holder, params, ctx)
+        self.teacher_classes = [torch.tensor(c, dtype=torch.long) for c in holder.teacher_classes]
+        self.net = build_network(ctx)
+
+    def training_step(self, batch: Batch) -> Dict[str, torch.Tensor]:
+        p = self.params
+        out = self.net(batch.x)
+        target = union_targets(self.teacher(batch.x), self.teacher_classes, batch.y, self.num_classes, p.temperature)
+        kd, ce = kd_loss(out, target, p.temperature), F.cross_entropy(out, batch.y)
+        return {"loss": p.alpha * kd + (1 - p.alpha) * ce, "kd": kd.detach(), "ce": ce.detach()}
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor):
+        return self.net(x)
+
+    def export_module(self):
+        return self.net
+
+
 def _tsn_manifests(m: _MultiTeacherKF, ckn_manifest: Dict[str, Any], tsn_arch, class_names, metrics, provenance) -> List[Dict[str, Any]]:
     out = []
     for task, tsn, k in zip(m.tasks, m.factors.tsns, m.task_teacher):
@@ -339,4 +393,4 @@ class ExportLibraryBricks(Hook):
             _write(out / f"tsn-{task.name}", {**manifest, "kbricks": __version__}, tsn.state_dict())
 
 
-__all__ = ["KFAmalgamation", "KFExtension", "TeacherEntry", "TeacherSet", "gated_targets"]
+__all__ = ["KFAmalgamation", "KFExtension", "MultiTeacherKD", "union_targets", "TeacherEntry", "TeacherSet", "gated_targets"]

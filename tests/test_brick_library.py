@@ -209,5 +209,5 @@ def test_library_claims_follow_their_rules(tmp_path):
     assert amalgamation_claim("digits")(tmp_path)[0] == "does not hold"  # {5-9}: -2 points in every seed
     assert ckn_unchanged_claim(tmp_path)[0] == "holds"
     assert extend_claim("mnist5k")(tmp_path) is None
-    rows = {r["paper"][:40]: r["verdict"] for r in evaluate_claims(tmp_path) if r["area"] == "KF library"}
-    assert len(rows) == 7 and "not run" in rows.values()
+    rows = [r["verdict"] for r in evaluate_claims(tmp_path) if r["area"] == "KF library"]
+    assert rows == ["partly", "not run", "holds", "does not hold", "not run", "holds", "not run"]

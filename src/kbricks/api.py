@@ -251,7 +251,32 @@ def _common(name, seed, epochs, batch_size, lr, optimizer, weight_decay, device,
 # ---- the calls ---------------------------------------------------------------------------------------------------
 
 
-def factorize(teacher: Network, data: Data, *, test: Data = None, tasks: Any = 2, ckn: Network = None, tsn: Network = None,
+_TASKS_DEFAULT = object()  # factorize(tasks=...) not given: 2 class groups for one teacher, each teacher's classes for several
+
+
+def _teacher_entries(teachers: Sequence[Any], normalize) -> list:
+    """``teachers=[...]`` of factorize / extend -> method.teachers entries: each a dict ``{teacher (or path), classes,
+    tasks, name}`` or a pair ``(teacher, classes)``."""
+    entries = []
+    for i, t in enumerate(teachers):
+        if isinstance(t, (tuple, list)) and len(t) == 2:
+            t = {"teacher": t[0], "classes": t[1]}
+        if not isinstance(t, dict):
+            raise ConfigError(f"teachers[{i}]: give {{'teacher': network, 'classes': [global class ids of its outputs]}} or a "
+                              f"(network, classes) pair, not a {type(t).__name__}")
+        unknown = set(t) - {"teacher", "path", "classes", "tasks", "name"}
+        if unknown or ("teacher" in t) == ("path" in t):
+            raise ConfigError(f"teachers[{i}]: keys are teacher (or path), classes, tasks, name; got {sorted(t)}")
+        net = t.get("teacher", t.get("path"))
+        entry = {"path": _frozen_ref(net, "teacher", normalize)}
+        entry.update({k: ([list(map(int, p)) for p in v] if k == "tasks" else list(map(int, v)) if k == "classes" else v)
+                      for k, v in t.items() if k in ("classes", "tasks", "name") and v is not None})
+        entries.append(entry)
+    return entries
+
+
+def factorize(teacher: Network = None, data: Data = None, *, teachers: Optional[Sequence[Any]] = None, test: Data = None,
+              tasks: Any = _TASKS_DEFAULT, ckn: Network = None, tsn: Network = None,
               teacher_normalize=None, check_teacher: bool = True, classes: Optional[Sequence[str]] = None, test_fraction: float = 0.2,
               split_seed: int = 0, normalize: bool = True, augment: Optional[Dict[str, Any]] = None, options: Optional[Dict[str, Any]] = None,
               epochs: int = 20, batch_size: int = 64, lr: Optional[float] = None, optimizer: str = "sgd",
@@ -264,21 +289,70 @@ def factorize(teacher: Network, data: Data, *, test: Data = None, tasks: Any = 2
     ``tasks``: a number of consecutive class groups (2: {0-4}, {5-9} for ten classes), a class partition
     ``[[0, 1, 2], [3, 4]]``, or latent names. ``ckn`` / ``tsn``: trainable networks (default: small CNNs for
     images, MLPs for feature vectors). ``options``: any other KF option (``temperature``, ``beta``, ``tsn_dim`` ...).
+
+    ``teachers=[{"teacher": net_a, "classes": [0, 1, 2, 3, 4]}, (net_b, [5, 6, 7, 8, 9])]`` instead of ``teacher``:
+    amalgamation (method ``kf_amalgamate``): one CKN for all teachers, one TSN per teacher (or per entry of its
+    ``tasks``), each distilled from its own teacher; ``classes`` maps the teacher's outputs to the data's labels.
     """
+    if data is None:
+        raise ConfigError("factorize needs data: (x, y) tensors, a Dataset, DataSplits or a dataset name")
+    if (teacher is None) == (teachers is None):
+        raise ConfigError("factorize needs a teacher, or teachers=[...] to amalgamate several (not both)")
+    if tasks is _TASKS_DEFAULT:
+        tasks = 2 if teachers is None else None
+    elif tasks is None:
+        raise ConfigError("factorize needs tasks: a number of class groups, a class partition, or latent names")
     data_cfg = _data_config(data, test, classes, test_fraction, split_seed, normalize, augment)
     flat = _is_flat(_splits_of(data_cfg))
     ckn_default = {"name": "mlp", "kwargs": {"hidden": [256, 128]}} if flat else {"name": "small_cnn", "kwargs": {"widths": [32, 64]}}
     tsn_default = {"name": "mlp", "kwargs": {"hidden": [64]}} if flat else {"name": "small_cnn", "kwargs": {"widths": [16, 32]}}
-    if tasks is None:
-        raise ConfigError("factorize needs tasks: a number of class groups, a class partition, or latent names")
     data_cfg["tasks"] = _tasks_config(tasks)
     cfg = _common(name, seed, epochs, batch_size, lr, optimizer, weight_decay, device, progress, out_dir)
+    if teachers is None:
+        method_cfg = {"name": "kf", "teacher": _teacher_ref(teacher, teacher_normalize, check_teacher)}
+    else:
+        method_cfg = {"name": "kf_amalgamate", "teachers": _teacher_entries(teachers, teacher_normalize)}
     cfg.update(data=data_cfg, model=_model_config(ckn, "ckn", ckn_default),
-               method={"name": "kf", "teacher": _teacher_ref(teacher, teacher_normalize, check_teacher),
-                       "tsn": _model_config(tsn, "tsn", tsn_default), **(options or {})})
+               method={**method_cfg, "tsn": _model_config(tsn, "tsn", tsn_default), **(options or {})})
+    return _factorization(cfg, overrides, run_dir, resume, overwrite)
+
+
+def _factorization(cfg: Dict[str, Any], overrides, run_dir, resume: bool, overwrite: bool) -> Factorization:
     summary, method, exp, path = _run(cfg, overrides, run_dir, resume, overwrite)
     bricks = {"ckn": path / "bricks" / "ckn.json", **{t.name: path / "bricks" / f"tsn-{t.name}.json" for t in exp.tasks}}
     return Factorization(path, summary, method.export_module(), method, exp.transform, exp.device, bricks)
+
+
+def extend(ckn_brick: Union[str, os.PathLike], teacher: Network, data: Data, *, tasks: Any = None, teacher_classes: Optional[Sequence[int]] = None,
+           test: Data = None, tsn: Network = None, teacher_normalize=None, classes: Optional[Sequence[str]] = None,
+           test_fraction: float = 0.2, split_seed: int = 0, augment: Optional[Dict[str, Any]] = None,
+           options: Optional[Dict[str, Any]] = None, epochs: int = 20, batch_size: int = 64, lr: Optional[float] = None,
+           optimizer: str = "sgd", weight_decay: Optional[float] = None, seed: int = 0, name: str = "kf-extend", run_dir=None,
+           out_dir="runs", device: str = "auto", progress: str = "auto", overrides: Sequence[str] = (), resume: bool = False,
+           overwrite: bool = False) -> Factorization:
+    """New TSN bricks for an existing CKN brick (``<run>/bricks/ckn.json``), which stays frozen, bit for bit: only the
+    TSNs of ``tasks`` train, distilled from ``teacher`` (the one the CKN was made with, or a new one; its outputs are
+    the data's classes ``teacher_classes``, default 0..outputs-1). The data are labelled in the global label space and
+    normalised as the CKN was. The new bricks bind to the CKN's fingerprint: they assemble with the bricks made with it
+    before (``kbricks.assemble(ckn, [old..., new...])``). ``tasks``: a class partition ``[[5, 6, 7, 8, 9]]``, a number
+    of class groups, or None (one task of all classes)."""
+    from .methods.kf.bricks import load_brick
+
+    manifest, _ = load_brick(ckn_brick)
+    if manifest["kind"] != "ckn":
+        raise ConfigError(f"extend: {ckn_brick} is a {manifest['kind']} brick; give the CKN brick (bricks/ckn.json)")
+    arch = manifest["architecture"]
+    data_cfg = _data_config(data, test, classes, test_fraction, split_seed, manifest.get("normalize") is not None, augment)
+    data_cfg["tasks"] = _tasks_config(tasks)
+    flat = _is_flat(_splits_of(data_cfg))
+    tsn_default = {"name": "mlp", "kwargs": {"hidden": [64]}} if flat else {"name": "small_cnn", "kwargs": {"widths": [16, 32]}}
+    method_cfg: Dict[str, Any] = {"name": "kf_extend", "ckn": os.fspath(ckn_brick),
+                                  "teacher": _teacher_ref(teacher, teacher_normalize, True), "tsn": _model_config(tsn, "tsn", tsn_default)}
+    if teacher_classes is not None:
+        method_cfg["teacher_classes"] = [int(c) for c in teacher_classes]
+    cfg = _common(name, seed, epochs, batch_size, lr, optimizer, weight_decay, device, progress, out_dir)
+    cfg.update(data=data_cfg, model={"name": arch["name"], "kwargs": arch.get("kwargs", {})}, method={**method_cfg, **(options or {})})
+    return _factorization(cfg, overrides, run_dir, resume, overwrite)
 
 
 DISTILLATION = ("kd", "sskt", "dml", "maxl", "supervised")
@@ -345,4 +419,4 @@ def learn_continually(backbone: Network, data: Data, *, method: str = "supsup", 
     return ContinualRun(path, summary, strategy, strategy, exp.transform, exp.device)
 
 
-__all__ = ["Run", "Factorization", "ContinualRun", "accuracy", "distill", "factorize", "learn_continually"]
+__all__ = ["Run", "Factorization", "ContinualRun", "accuracy", "distill", "extend", "factorize", "learn_continually"]

@@ -194,6 +194,10 @@ def _study(args: argparse.Namespace) -> int:
         summary = run_cl_baselines_study(args.seeds, Path(args.out), scenario=args.scenario, **common)
     elif args.kind == "cl":
         summary = run_cl_study(args.seeds, Path(args.out), scenario=args.scenario, **common)
+    elif args.kind == "library":
+        from .studies.library import run_library_study
+
+        summary = run_library_study(args.dataset or "digits", args.seeds, Path(args.out), **common)
     else:
         if args.dataset is None:
             raise KbricksError("study kf needs --dataset")
@@ -347,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=_cmd_sweep)
 
     st = sub.add_parser("study", help="multi-seed studies: kf (teacher -> KF -> KD -> report), cl (SupSup vs ImpressLearn), sskt")
-    st.add_argument("kind", choices=["kf", "cl", "sskt"])
+    st.add_argument("kind", choices=["kf", "cl", "sskt", "library"], help="library: extend a frozen CKN / amalgamate two teachers (--dataset digits or mnist5k)")
     st.add_argument("--dataset", choices=["digits", "mnist5k", "dsprites", "digits-ablation", "dsprites-ablation", "selection"],
                     help="kf only: a main study, an IMB ablation, or the validation-split selection of hyper-parameters")
     st.add_argument("--scenario", choices=["permuted", "rotated", "split", "scale"], default="permuted", help="cl only")

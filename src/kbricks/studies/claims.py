@@ -15,11 +15,12 @@ from . import kf, sskt
 from .cl import CL_CLAIMS, CL_STUDIES, run_cl_study
 from .common import read_study
 from .kf import KF_CLAIMS, run_kf_study
+from .library import LIBRARY_CLAIMS
 from .sskt import SSKT_CLAIMS, run_sskt_study
 from .tables import write_results
 from .verdicts import Claim
 
-CLAIMS: List[Claim] = [*KF_CLAIMS, *CL_CLAIMS, *SSKT_CLAIMS]
+CLAIMS: List[Claim] = [*KF_CLAIMS, *LIBRARY_CLAIMS, *CL_CLAIMS, *SSKT_CLAIMS]
 
 
 def evaluate_claims(runs: Path) -> List[Dict[str, str]]:

@@ -223,7 +223,8 @@ def _build(ckn: Brick, tsn_bricks: Sequence[Brick]) -> AssembledNetwork:
     if len({t.classes is None for t in tasks}) > 1:
         raise BrickMismatchError("cannot mix class-partition TSNs and latent-factor TSNs in one network")
     kind = AssembledClassifier if tasks[0].classes is not None else AssembledMultiTask
-    net = kind(FactorNetworks(ckn_net, tsns), tasks, ckn_manifest["num_classes_total"], manifests,
+    total = max(m["num_classes_total"] for m in manifests)  # bricks made later (kf_extend) may add classes to the label space
+    net = kind(FactorNetworks(ckn_net, tsns), tasks, total, manifests,
                [m["temperature"] for m in manifests[1:]], ckn_manifest.get("normalize"))
     net.info = _describe(net)
     return net.eval()

@@ -212,9 +212,9 @@ class KnowledgeFactorization(Method):
         self.params, self.tasks, self.transform, self.cfg = params, ctx.tasks, ctx.transform, ctx.cfg
         self.shape = {"in_channels": ctx.train.in_channels, "image_size": ctx.train.image_size}
         self.num_classes = ctx.train.num_classes
-        self.teacher = load_teacher(params.teacher, ctx)
+        self.teacher = self._load_teacher(params, ctx)
         shape = dict(in_channels=ctx.train.in_channels, image_size=ctx.train.image_size)
-        ckn = create_model(ctx.cfg.model.name, num_classes=0, **shape, **ctx.cfg.model.layers(), **ctx.cfg.model.kwargs)
+        ckn = self._build_ckn(ctx)
         if params.combine == "sum" and params.tsn_dim != ckn.feature_dim:
             raise ConfigError(f"method.combine=sum needs method.tsn_dim == CKN feature size ({ckn.feature_dim})")
         tsns = [
@@ -240,6 +240,15 @@ class KnowledgeFactorization(Method):
         if params.infomax_weight > 0 and params.infomax == "views":
             d = ckn.feature_dim
             self.projector = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, params.proj_dim))
+
+    def _load_teacher(self, params: "KnowledgeFactorization.Config", ctx: MethodContext):
+        """The frozen teacher (a subclass may load several: methods/kf/amalgamate.py)."""
+        return load_teacher(params.teacher, ctx)
+
+    def _build_ckn(self, ctx: MethodContext) -> nn.Module:
+        """A fresh CKN from ``model`` (a subclass may load a frozen CKN brick instead: methods/kf/amalgamate.py)."""
+        shape = dict(in_channels=ctx.train.in_channels, image_size=ctx.train.image_size)
+        return create_model(ctx.cfg.model.name, num_classes=0, **shape, **ctx.cfg.model.layers(), **ctx.cfg.model.kwargs)
 
     def _build_teacher_projectors(self, ctx: MethodContext) -> nn.ModuleList:
         """One projector per matched layer pair, sized by a probe forward pass (the CKN in eval mode, so its

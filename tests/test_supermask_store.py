@@ -35,22 +35,63 @@ def test_known_task_output_is_bit_identical_to_a_network_holding_only_that_mask(
     assert torch.equal(a, b)
 
 
-def test_bank_streams_blocks_with_the_same_results_as_the_cached_float_view(monkeypatch):
+@pytest.mark.parametrize("block_elements", [1, 14, 2**20])  # one row per block, two rows, the whole bank
+def test_packed_bank_reads_give_the_float_formulas(monkeypatch, block_elements):
     g = torch.Generator().manual_seed(0)
-    masks = [torch.rand(5, 11, generator=g) < 0.5 for _ in range(10)]
-    cached, streamed = MaskBank((5, 11)), MaskBank((5, 11))
-    monkeypatch.setattr(streamed, "float_cache_bytes", 0)
-    monkeypatch.setattr(streamed, "block_rows", 3)
+    masks = [torch.rand(5, 11, generator=g) < 0.5 for _ in range(10)]  # 55 weights: a padded last byte
+    bank = MaskBank((5, 11))
+    monkeypatch.setattr(bank, "block_elements", block_elements)
     for m in masks:
-        cached.append(m)
-        streamed.append(m)
-    assert cached.float_cached() and not streamed.float_cached()
+        bank.append(m)
+    as_float = torch.stack([m.flatten().float() for m in masks])
     w, v = torch.randn(10), torch.randn(5, 11)
-    expected = sum(wi * m.float() for wi, m in zip(w, masks))
-    assert torch.allclose(cached.combine(w), expected, atol=1e-5) and torch.allclose(streamed.combine(w), expected, atol=1e-5)
-    dots = torch.stack([(m.float() * v).sum() for m in masks])
-    assert torch.allclose(cached.dots(v), dots, atol=1e-5) and torch.allclose(streamed.dots(v), dots, atol=1e-5)
-    assert torch.equal(cached.total(), torch.stack(masks).float().sum(0))
+    assert torch.allclose(bank.combine(w), (w @ as_float).view(5, 11), atol=1e-5)
+    assert torch.allclose(bank.combine(w[:4]), (w[:4] @ as_float[:4]).view(5, 11), atol=1e-5)  # the first 4 only
+    assert torch.allclose(bank.dots(v), as_float @ v.flatten(), atol=1e-5)
+    assert torch.allclose(bank.dots(v, rows=3), as_float[:3] @ v.flatten(), atol=1e-5)
+    assert torch.equal(bank.total(), as_float.sum(0).view(5, 11))
+    # 0/1 weights and a 0/1 vector: every product and partial sum is an integer, so the packed reads are exact
+    ones = (torch.rand(10, generator=g) < 0.5).float()
+    assert torch.equal(bank.combine(ones), (ones @ as_float).view(5, 11))
+    assert torch.equal(bank.dots(masks[3].float()), as_float @ masks[3].flatten().float())
+    with pytest.raises(IndexError, match="11 mask weights for 10 stored masks"):
+        bank.combine(torch.ones(11))
+
+
+def test_combination_gradient_is_one_packed_dot_product_per_mask():
+    g = torch.Generator().manual_seed(1)
+    masks = [torch.rand(7, 9, generator=g) < 0.5 for _ in range(6)]
+    bank = MaskBank((7, 9))
+    for m in masks:
+        bank.append(m)
+    target = torch.randn(7, 9)
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)  # the first 5 masks, any float dtype
+    (grad,) = torch.autograd.grad((bank.combine(w) * target).sum(), w)
+    expected = torch.stack([(m.float() * target).sum() for m in masks[:5]]).double()
+    assert grad.dtype == torch.float64 and torch.allclose(grad, expected, atol=1e-5)
+
+
+def test_bank_keeps_no_float_copy_of_its_masks_and_counts_survive_a_reload():
+    """Memory: the packed rows (1 bit per weight, capacity doubling) and one int32 count per weight, whatever the
+    number of masks; the counts are rebuilt from the packed rows on load (the checkpoint format is unchanged)."""
+    shape, n = (30, 40), 100
+    g = torch.Generator().manual_seed(2)
+    masks = [torch.rand(shape, generator=g) < 0.5 for _ in range(n)]
+    bank = MaskBank(shape)
+    for m in masks:
+        bank.append(m)
+    bank.dots(torch.randn(shape))
+    bank.combine(torch.rand(n))
+    held = sum(t.numel() * t.element_size() for t in vars(bank).values() if torch.is_tensor(t))
+    assert held == 128 * 150 + 4 * 1200  # capacity 128 rows of 150 bytes + the counts
+    assert 8 * held / (n * 1200) < 1.7
+    state = bank.get_extra_state()
+    assert set(state) == {"packed", "count"} and state["packed"].shape == (n, 150)
+    restored = MaskBank(shape)
+    restored.set_extra_state(state)
+    assert torch.equal(restored.total(), torch.stack(masks).float().sum(0))
+    restored.append(masks[0])
+    assert torch.equal(restored.total(), torch.stack(masks + masks[:1]).float().sum(0))
 
 
 def test_superposition_gradient_is_the_gradient_with_respect_to_the_mixing_weights():
@@ -72,6 +113,34 @@ def test_superposition_gradient_is_the_gradient_with_respect_to_the_mixing_weigh
         with net.using(FixedMasks(masks)):
             (expected,) = torch.autograd.grad(mean_entropy(net(x)), beta)
         assert torch.allclose(superposition_gradient(strategy, x, active), expected, atol=1e-6)
+
+
+def test_one_shot_task_from_packed_masks_is_the_float_reference_argmin():
+    """The one-shot rule read from the packed banks picks the task a float superposition picks: the gradient of the
+    mean entropy with respect to beta, at beta uniform over all 40 stored masks, computed with float masks."""
+    from kbricks.continual.inference import infer_task
+    from kbricks.continual.supsup import SupSup
+
+    body = create_model("masked_mlp", num_classes=10, in_channels=1, image_size=8, hidden=[32, 16])
+    net = supermask(body, 0.5, seed=3)
+    for m in random_masks(net, 40, seed=5):
+        net.store(m)
+    strategy = SupSup.__new__(SupSup)
+    nn.Module.__init__(strategy)
+    strategy.net, strategy.task_classes, strategy.params = net, [10] * 40, SupSup.Config()
+    def held_bytes():
+        return sum(t.numel() * t.element_size() for layer in net.masked_layers() for t in vars(layer.bank).values() if torch.is_tensor(t))
+
+    held = held_bytes()
+    for seed in range(4):
+        x = torch.rand(1 + 5 * seed, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+        beta = torch.full((40,), 1.0 / 40, requires_grad=True)
+        float_masks = [beta @ layer.bank.as_float().view(40, *layer.weight.shape).flatten(1) for layer in net.masked_layers()]
+        with net.using(FixedMasks([m.view(layer.weight.shape) for m, layer in zip(float_masks, net.masked_layers())])):
+            (expected,) = torch.autograd.grad(mean_entropy(net(x)), beta)
+        assert torch.allclose(superposition_gradient(strategy, x, list(range(40))), expected, atol=1e-6)
+        assert infer_task(strategy, x) == int(expected.argmin())
+    assert held_bytes() == held  # no float view of the banks is built or kept
 
 
 def test_g_objective_reads_only_the_superfluous_outputs():

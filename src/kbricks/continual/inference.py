@@ -68,7 +68,7 @@ def superposition_gradient(strategy: ContinualStrategy, x: torch.Tensor, active:
     n_tasks = net.num_stored() if coeffs is None else coeffs.shape[0]
     layers = net.masked_layers()
     masks: List[torch.Tensor] = []
-    if coeffs is None and len(active) == n_tasks:  # SupSup, every task: the cached sum of the bank
+    if coeffs is None and len(active) == n_tasks:  # SupSup, every task: the bank's counts, kept as masks are stored
         masks = [(layer.bank.total() / n_tasks).detach().requires_grad_(True) for layer in layers]
     else:
         beta = torch.zeros(n_tasks, device=x.device)

@@ -16,12 +16,14 @@ sets a *mask source* for the duration of the block and always restores the previ
 * :class:`FixedMasks`   - given per-layer mask tensors (superpositions for task inference);
 * :class:`CachedWeights` - any source's effective weights computed once (evaluating a task over many batches).
 
-Masks are stored packed, 1 bit per weight, in banks that grow by doubling their capacity.
+Masks are stored packed, 1 bit per weight, in banks that grow by doubling their capacity; combinations and task
+inference read them packed (no float copy of the bank is kept).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -61,12 +63,20 @@ _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 _BYTE_BITS = torch.tensor([[(v >> (7 - k)) & 1 for k in range(8)] for v in range(256)], dtype=torch.float32)  # [256, 8]
 
 
+# x * _GATHER_BITS, for 8 little-endian bytes of 0/1 (an int64), holds byte j's bit at bit 63 - j: every other
+# partial product lands on its own bit outside the top byte (no carries), so the top byte is the packed byte
+_GATHER_BITS = 0x8040201008040201 - (1 << 64)  # as a signed int64 (the product wraps)
+
+
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """A boolean tensor -> uint8 bytes, 8 entries per byte (most significant bit first), zero-padded."""
-    flat = mask.reshape(-1).to(torch.uint8)
+    flat = mask.reshape(-1)
+    flat = flat.view(torch.uint8) if flat.dtype == torch.bool else flat.to(torch.uint8)
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
+    if sys.byteorder == "little":  # one multiply per 8 entries
+        return (flat.contiguous().view(torch.int64) * _GATHER_BITS).view(torch.uint8).view(-1, 8)[:, 7].contiguous()
     return (flat.view(-1, 8) * _BIT_WEIGHTS.to(flat.device)).sum(1, dtype=torch.uint8)
 
 
@@ -86,16 +96,30 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return unpack_float(packed, numel) > 0
 
 
+class _PackedCombination(torch.autograd.Function):
+    """sum_i w_i M_i from the packed bank; the gradient with respect to w_i is <M_i, grad>: both read packed."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, bank: "MaskBank") -> torch.Tensor:
+        ctx.bank, ctx.bank_rows, ctx.dtype = bank, weights.shape[0], weights.dtype
+        return bank._combine_packed(weights.detach())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.bank.dots(grad, rows=ctx.bank_rows).to(ctx.dtype), None
+
+
 class MaskBank(nn.Module):
     """The binary masks stored for one layer: packed 1 bit per weight, appended with capacity doubling (amortised
     O(N) per mask), saved in checkpoints packed. Reading one mask unpacks one row (cost independent of the bank
-    size). Superpositions and per-mask dot products (task inference, combinations) read the bank as a float
-    matrix, built once and extended incrementally while it fits in ``float_cache_bytes``; a larger bank is read
-    from the packed bytes directly, ``block_rows`` at a time, through per-byte lookup tables (a dot product with
-    a mask is a sum over its bytes of the byte's partial sum), so memory stays at 1 bit per weight."""
+    size). Superpositions and per-mask dot products (task inference, combinations) are computed from the packed
+    bytes themselves: for a block of rows and one bit position at a time, the bit is isolated with a bitwise and,
+    cast into a scratch float buffer and read by one matrix-vector product, so no float copy of the bank is ever
+    kept (memory: 1 bit per stored weight plus one count per weight, whatever the number of masks). The count of
+    masks holding each weight is kept up to date as masks are stored, so the uniform superposition (SupSup's
+    one-shot inference over every task) costs nothing on first use."""
 
-    float_cache_bytes = 512 * 2**20  # per bank
-    block_rows = 64  # rows read at a time when streaming
+    block_elements = 2**20  # bytes of the packed bank read per streamed block (its float scratch: 4 MiB)
 
     def __init__(self, shape: Sequence[int]):
         super().__init__()
@@ -104,9 +128,7 @@ class MaskBank(nn.Module):
         self.nbytes = (self.numel + 7) // 8
         self._packed = torch.zeros(0, self.nbytes, dtype=torch.uint8)
         self.count = 0
-        self._float: Optional[torch.Tensor] = None  # [capacity, numel], rows < _float_rows valid
-        self._float_rows = 0
-        self._sum: Optional[torch.Tensor] = None  # sum of all stored masks (uniform superposition)
+        self._counts = torch.zeros(self.numel, dtype=torch.int32)  # per weight: how many stored masks hold it
 
     def __len__(self) -> int:
         return self.count
@@ -119,9 +141,10 @@ class MaskBank(nn.Module):
             grown = torch.zeros(max(4, 2 * self.count), self.nbytes, dtype=torch.uint8, device=self._packed.device)
             grown[: self.count] = self._packed[: self.count]
             self._packed = grown
-        self._packed[self.count] = pack_bits(mask.detach().bool()).to(self._packed.device)
+        bits = mask.detach().bool().to(self._packed.device)
+        self._packed[self.count] = pack_bits(bits)
+        self._counts.add_(bits.reshape(-1))
         self.count += 1
-        self._sum = None
         return self.count - 1
 
     def get(self, i: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -133,86 +156,64 @@ class MaskBank(nn.Module):
     def packed(self) -> torch.Tensor:
         return self._packed[: self.count]
 
-    def float_cached(self) -> bool:
-        """Whether the float view of the whole bank is kept in memory (else it is streamed in blocks)."""
-        return 4 * self.numel * max(4, self._packed.shape[0]) <= self.float_cache_bytes
-
     def as_float(self) -> torch.Tensor:
-        """[count, numel] float32 0/1 matrix, cached; new masks are unpacked into spare capacity, not re-cast."""
-        if not self.float_cached():
-            return unpack_float(self.packed(), self.numel)
-        if self._float is None or self._float.shape[0] < self.count or self._float.device != self._packed.device:
-            cap = max(4, self._packed.shape[0])
-            grown = torch.empty(cap, self.numel, device=self._packed.device)
-            if self._float is not None and self._float.device == grown.device:
-                grown[: self._float_rows] = self._float[: self._float_rows]
-            else:
-                self._float_rows = 0
-            self._float = grown
-        if self._float_rows < self.count:
-            self._float[self._float_rows: self.count] = unpack_float(self._packed[self._float_rows: self.count], self.numel)
-            self._float_rows = self.count
-        return self._float[: self.count]
+        """[count, numel] float32 0/1 matrix, unpacked now and not kept (tests, small banks)."""
+        return unpack_float(self.packed(), self.numel)
 
-    def blocks(self, rows: Optional[int] = None) -> Iterator[tuple]:
-        """(first slot, [n, numel] float block) over the first ``rows`` stored masks: the cached view in one block,
-        or unpacked ``block_rows`` at a time."""
-        rows = self.count if rows is None else rows
-        if self.float_cached():
-            yield 0, self.as_float()[:rows]
-            return
-        for start in range(0, rows, self.block_rows):
-            yield start, unpack_float(self._packed[start: min(rows, start + self.block_rows)], self.numel)
+    def _bit_planes(self, rows: int) -> Iterator[tuple]:
+        """(first row, bit position k, plane) over the first ``rows`` masks, a block of rows at a time: ``plane``
+        [n, nbytes] float holds bit k of every byte (most significant first) at its own value 2**(7 - k) or 0. The
+        scratch buffers are reused: read a plane before taking the next."""
+        per_block = max(1, min(rows, self.block_elements // self.nbytes))
+        byte_buf = torch.empty(per_block, self.nbytes, dtype=torch.uint8, device=self._packed.device)
+        float_buf = torch.empty(per_block, self.nbytes, device=self._packed.device)
+        for start in range(0, rows, per_block):
+            block = self._packed[start: min(rows, start + per_block)]
+            n = block.shape[0]
+            for k in range(8):
+                torch.bitwise_and(block, 1 << (7 - k), out=byte_buf[:n])
+                float_buf[:n].copy_(byte_buf[:n])
+                yield start, k, float_buf[:n]
 
     def _byte_view(self, x: torch.Tensor) -> torch.Tensor:
-        """A flat length-numel tensor as [bytes, 8] (zero-padded), aligned with the packed bytes."""
+        """A flat length-numel tensor as [8, bytes] (zero-padded): row k lines up with bit k of the packed bytes."""
         flat = x.reshape(-1).to(torch.float32)
-        return F.pad(flat, (0, 8 * self.nbytes - self.numel)).view(self.nbytes, 8)
+        return F.pad(flat, (0, 8 * self.nbytes - self.numel)).view(self.nbytes, 8).t().contiguous()
+
+    def _combine_packed(self, weights: torch.Tensor) -> torch.Tensor:
+        by_bit = weights.new_zeros(8, self.nbytes, dtype=torch.float32)
+        w = weights.to(torch.float32)
+        for start, k, plane in self._bit_planes(w.shape[0]):
+            # a plane holds 2**(7-k) for a set bit: scaling by a power of two back is exact
+            by_bit[k].addmv_(plane.t(), w[start: start + plane.shape[0]], alpha=2.0 ** (k - 7))
+        return by_bit.t().reshape(-1)[: self.numel].view(self.shape)
 
     def combine(self, weights: torch.Tensor) -> torch.Tensor:
         """sum_i weights[i] * mask_i over the first ``len(weights)`` masks, in the layer's shape (differentiable
-        in ``weights``)."""
-        n = weights.shape[0]
-        if not self.float_cached() and not weights.requires_grad and n:
-            # per byte position b: H[b, v] = total weight of the masks whose byte b is v; the result is H @ bits
-            hist = torch.zeros(self.nbytes, 256, device=self._packed.device)
-            w = weights.detach().to(torch.float32)
-            for start in range(0, n, self.block_rows):
-                block = self._packed[start: min(n, start + self.block_rows)]
-                hist.scatter_add_(1, block.t().long(), w[start: start + block.shape[0]].expand(self.nbytes, -1))
-            return (hist @ byte_bits(hist.device)).reshape(-1)[: self.numel].view(self.shape)
-        out: Optional[torch.Tensor] = None
-        for start, block in self.blocks(n):
-            part = weights[start: start + block.shape[0]].to(block.dtype) @ block
-            out = part if out is None else out + part
-        if out is None:
-            out = weights.new_zeros(self.numel)
-        return out.view(self.shape)
+        in ``weights``: the gradient is one dot product per mask, read packed too)."""
+        if weights.shape[0] > self.count:
+            raise IndexError(f"{weights.shape[0]} mask weights for {self.count} stored masks")
+        if weights.requires_grad and torch.is_grad_enabled():
+            return _PackedCombination.apply(weights, self)
+        return self._combine_packed(weights)
 
-    def dots(self, g: torch.Tensor) -> torch.Tensor:
-        """<mask_i, g> for every stored mask: [count]."""
-        if not self.count:
-            return g.new_zeros(0)
-        if self.float_cached():
-            return self.as_float() @ g.reshape(-1).to(torch.float32)
-        # per byte position b and byte value v, the sum of g over the bits of v: each mask is then nbytes lookups
-        table = self._byte_view(g) @ byte_bits(g.device).t()  # [nbytes, 256]
-        out = [torch.gather(table, 1, self._packed[s: min(self.count, s + self.block_rows)].t().long()).sum(0)
-               for s in range(0, self.count, self.block_rows)]
-        return torch.cat(out)
+    def dots(self, g: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
+        """<mask_i, g> for each of the first ``rows`` stored masks (all by default): [rows]."""
+        rows = self.count if rows is None else rows
+        by_bit = self._byte_view(g)
+        out = torch.zeros(rows, device=self._packed.device)
+        for start, k, plane in self._bit_planes(rows):
+            out[start: start + plane.shape[0]].addmv_(plane, by_bit[k], alpha=2.0 ** (k - 7))
+        return out
 
     def total(self) -> torch.Tensor:
-        """Sum of the stored masks (the uniform superposition times ``count``), cached."""
-        if self._sum is None:
-            self._sum = self.combine(torch.ones(self.count, device=self._packed.device))
-        return self._sum
+        """Sum of the stored masks (the uniform superposition times ``count``), in the layer's shape; kept up to
+        date as masks are stored."""
+        return self._counts.to(torch.float32).view(self.shape)
 
-    def drop_caches(self) -> None:
-        self._float, self._float_rows, self._sum = None, 0, None
-
-    def _apply(self, fn, recurse=True):  # .to(device) moves the packed masks too
+    def _apply(self, fn, recurse=True):  # .to(device) moves the packed masks and the counts too
         self._packed = fn(self._packed)
-        self.drop_caches()
+        self._counts = fn(self._counts)
         return super()._apply(fn, recurse)
 
     # packed masks travel in state_dict as "extra state": a plain tensor, loadable with weights_only=True
@@ -225,7 +226,9 @@ class MaskBank(nn.Module):
             raise ValueError(f"stored masks of shape {tuple(packed.shape)} do not fit a bank of {self.shape}")
         self._packed = packed.clone().to(self._packed.device)
         self.count = count
-        self.drop_caches()
+        # the counts are not saved (the format stays 1 bit per weight): rebuilt once, here, from the packed rows
+        ones = torch.ones(count, device=self._packed.device)
+        self._counts = self._combine_packed(ones).reshape(-1).round().to(torch.int32)
 
 
 # ---- mask sources --------------------------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def bench_dataset(dataset: str, tmp: Path, tasks: Sequence[int], batch_size: int
                KF_ONE_VIEW: kf_step(no_infomax, batch)}
         res = time_rounds(fns, BOUND)
         exp.method.factors.fused = True  # the label says what the default (fused) candidate ran as
-        out[f"{dataset}, T={t}"] = report(
+        out[f"{dataset}, T={t}, plain bound"] = report(
             f"KF step vs its plain bound, {dataset}, T={t}, batch {batch_size} ({exp.method.factors.fusion})", res, BOUND,
             f"One KF training step (the method's loss, backward, optimiser) against the same network passes written as plain "
             f"nn.Module calls with one CE per task and one backward, {dataset}, T={t}.")

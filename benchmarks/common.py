@@ -66,6 +66,8 @@ def time_rounds(fns: Dict[str, Callable[[], None]], baseline: str, n_rounds: int
     """Every candidate timed in each of ``n_rounds`` rounds (order rotated per round); per candidate: ms (primary
     clock) and wall ms summaries, and the per-round ratio to ``baseline`` summarised as median [IQR]."""
     n_rounds = n_rounds or rounds()
+    if quick():
+        inner, warmup = 1, 1
     now = clock()
     for fn in fns.values():
         for _ in range(warmup):

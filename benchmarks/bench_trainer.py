@@ -96,7 +96,7 @@ def main():
         return {"digits teacher": bench_config("digits teacher, 1 epoch of 2 steps", "teacher/digits_cnn.yaml",
                                                ["train.epochs=1", "train.max_steps_per_epoch=2", "train.plots=false"])}
     return {
-        "digits teacher": bench_config("digits teacher (shipped config)", "teacher/digits_cnn.yaml", []),
+        "digits teacher": bench_config("digits teacher, 10 epochs", "teacher/digits_cnn.yaml", ["train.epochs=10"]),
         "mnist5k teacher": bench_config("MNIST-5k teacher, 1 epoch", "teacher/mnist5k_cnn.yaml", ["train.epochs=1"]),
     }
 

@@ -36,6 +36,21 @@ def test_quartiles_and_interleaved_rounds(monkeypatch):
     assert common.fmt_stat({"median": 1.234, "iqr": [1.2, 1.3]}, suffix="x") == "1.23x [1.20–1.30]"
 
 
+def test_plain_copies_carry_no_hooks():
+    import bench_kf
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU())
+    seen = []
+    net[0].register_forward_hook(lambda *a: seen.append("fwd"))
+    net.register_forward_pre_hook(lambda *a: seen.append("pre"))
+    copy = bench_kf.plain(net)
+    copy(torch.randn(4, 3)).sum().backward()
+    assert seen == [] and torch.equal(copy[0].weight, net[0].weight)
+    net(torch.randn(1, 3))
+    assert seen == ["pre", "fwd"]  # the original keeps its hooks
+
+
 def stat(m):
     return {"median": m, "iqr": [m, m], "n": 5}
 

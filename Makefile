@@ -40,8 +40,10 @@ demo: $(STAMP)
 		$(DEMO_BRICKS)/tsn-classes_5-6-7-8-9.json --out $(DEMO)/assembled --evaluate && \
 	$(PY) scripts/record_demo.py $$start $$load "$(WORKERS)" $(DEMO)/demo-time.json
 
-# Every performance ratio (results/bench.md, results/bench.json; BENCH_ONLY=kf,trainer,accel,threads,supermask), then
-# time / FLOPs / memory of the paper-scale recipes (results/bench_recipes.md)
+# Every performance ratio as median [IQR] over >= 5 interleaved rounds, 1 thread, CPU time (results/bench.md,
+# results/bench.json; flags rows > 10 % worse than the committed bench.json; BENCH_ONLY=kf,trainer,accel,threads,supermask,
+# BENCH_ROUNDS=N, BENCH_QUICK=1 for a smoke run into runs/bench-quick/), then time / FLOPs / memory of the paper-scale
+# recipes (results/bench_recipes.md)
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 	$(PY) benchmarks/bench_recipes.py

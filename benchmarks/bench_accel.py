@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
-from common import report, time_interleaved
+from common import quick, report, time_rounds
 
 from kbricks import load_config
 from kbricks.engine.experiment import build_experiment
@@ -33,16 +33,21 @@ def loop_for(config: str, over) -> Loop:
 def bench(name: str, config: str) -> Dict[str, float]:
     fns = {}
     for label, over in OPTIONS.items():
+        if label == "torch.compile" and quick():
+            continue  # a smoke run skips the minute of compilation
         if label == "fp16 autocast" and not torch.cuda.is_available():
             continue  # fp16 on CPU is emulated: not an accelerator there
         loop = loop_for(config, over)
         epoch = iter(range(10**6))
         fns[label] = lambda loop=loop, epoch=epoch: loop.run_epoch(next(epoch))
-    times = time_interleaved(fns, repeats=5, inner=1, warmup=2)
-    return report(f"accelerator options, {name}, 10 loop steps", times, "fp32 (default)")
+    res = time_rounds(fns, "fp32 (default)", inner=1, warmup=2)
+    return report(f"accelerator options, {name}, 10 loop steps", res, "fp32 (default)",
+                  f"Ten real training-loop steps ({name}) with each accelerator option, against fp32 eager on the same device.")
 
 
 def main():
+    if quick():
+        return {"digits teacher": bench("digits teacher", "teacher/digits_cnn.yaml")}
     return {"digits teacher": bench("digits teacher", "teacher/digits_cnn.yaml"),
             "mnist5k teacher": bench("MNIST-5k teacher", "teacher/mnist5k_cnn.yaml")}
 

@@ -8,7 +8,6 @@ started for the busy rounds only.
 from __future__ import annotations
 
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from typing import Callable, Dict
 
 import torch
 from bench_kf import first_batch, kf_step, train_teacher
+from common import quick, rounds, summary
 
 from kbricks import load_config
 from kbricks.engine.experiment import build_experiment
@@ -33,13 +33,15 @@ def median_step(fn: Callable[[], None], threads: int, inner: int = 10) -> float:
     return (time.perf_counter() - t0) / inner
 
 
-def compare(fns: Dict[str, Callable[[], None]], many: int, rounds: int = 5) -> Dict[str, float]:
+def compare(fns: Dict[str, Callable[[], None]], many: int) -> Dict[str, list]:
+    """Per candidate and thread count: one sample per round (mean of ``inner`` steps, wall clock)."""
     samples: Dict[str, list] = {}
-    for _ in range(rounds):
+    inner = 2 if quick() else 10
+    for _ in range(rounds(5)):
         for name, fn in fns.items():
             for n in (1, many):
-                samples.setdefault(f"{name}, {n} thread{'s' if n > 1 else ''}", []).append(median_step(fn, n))
-    return {k: statistics.median(v) for k, v in samples.items()}
+                samples.setdefault(f"{name}, {n} thread{'s' if n > 1 else ''}", []).append(median_step(fn, n, inner))
+    return samples
 
 
 def busy_neighbour() -> subprocess.Popen:
@@ -63,19 +65,22 @@ def main():
             neighbour.kill()
             neighbour.wait()
     torch.set_num_threads(threads_before)
-    out: Dict[str, Dict[str, float]] = {}
+    out: Dict[str, dict] = {}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\n== threads: 1 vs {many}, as the machine is (1-min load average {load:.1f} on {os.cpu_count()} cores) and with one busy neighbour")
     for name in fns:
-        one, n = f"{name}, 1 thread", f"{name}, {many} threads"
-        block = {}
+        one = f"{name}, 1 thread"
+        cands = {}
         for cond, t in (("no neighbour", idle), ("one busy neighbour", busy)):
-            for key in (one, n):
-                block[f"{key}, {cond}/ms"] = t[key] * 1e3
-                block[f"{key}, {cond}/ratio"] = t[key] / idle[one]
-        print(f"  {name:<22s} no neighbour: 1 thread {idle[one] * 1e3:7.2f} ms, {many} threads {idle[n] * 1e3:7.2f} ms ({idle[n] / idle[one]:.2f}x) | "
-              f"busy neighbour: 1 thread {busy[one] * 1e3:7.2f} ms, {many} threads {busy[n] * 1e3:7.2f} ms ({busy[n] / busy[one]:.2f}x)")
-        out[name] = block
+            for key in (one, f"{name}, {many} threads"):
+                cands[f"{key[len(name) + 2:]}, {cond}"] = {"ms": summary([1e3 * v for v in t[key]]),
+                                                           "ratio": summary([a / b for a, b in zip(t[key], idle[one])])}
+        for c, r in cands.items():
+            print(f"  {name}, {c:<36s} {r['ms']['median']:8.2f} ms  {r['ratio']['median']:.2f}x")
+        out[name] = {"title": f"{name}: 1 vs {many} intra-op threads, alone and next to one CPU-bound process",
+                     "compares": f"Wall time of one {name} at 1 and {many} intra-op threads, with and without a busy neighbour process, "
+                                 "against 1 thread alone (ratios within a round).",
+                     "baseline": "1 thread, no neighbour", "candidates": cands}
     out["_meta"] = {"load_average_1min": load, "cores": os.cpu_count(), "threads_compared": many}
     return out
 

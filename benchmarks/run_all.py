@@ -1,10 +1,14 @@
 """`make bench`: every performance ratio the project reports, measured side by side in one run.
 
-Writes results/bench.json (every number) and results/bench.md: the device, the targets of issue 14 (KF step vs its
-bound, the fused TSN bank, trainer vs a minimal loop, the demo's wall time, accelerator options), the 1-vs-2-thread
-rows of issue 16, then every block in detail. ``BENCH_ONLY=kf,trainer`` runs a subset (the other benches keep their
-last numbers, and the table says when each was measured); ``BENCH_THREADS`` sets the
-intra-op threads (default 1, the library's default); ``BENCH_CLOCK=cpu`` times with the CPU clock.
+Writes results/bench.json (every number) and results/bench.md: the goals of issue 24 (met / not met, with the
+measured median [IQR]), the earlier targets (issues 14, 16), the rows that got more than 10 % worse than the
+committed results/bench.json, then every block: one sentence saying what it compares, and per candidate the median
+[IQR] over interleaved rounds of its time and of its per-round ratio to the block's baseline.
+
+Knobs: ``BENCH_ONLY=kf,trainer,accel,threads,supermask`` runs a subset (the other benches keep their last numbers;
+the page says when each was measured); ``BENCH_ROUNDS`` (default 7, 5 for the trainer); ``BENCH_QUICK=1`` a smoke
+run on tiny sizes (written to runs/bench-quick/ unless ``BENCH_OUT`` says where); ``BENCH_CLOCK=wall`` times with
+the wall clock instead of this process's CPU time; ``BENCH_THREADS`` intra-op threads (default 1).
 """
 
 import datetime
@@ -19,9 +23,18 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
+from common import clock_name, fmt_stat, quick  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHES = ("kf", "trainer", "accel", "threads", "supermask")
+WORSE = 1.10  # a row whose median grew by more than this factor against the committed bench.json is flagged
+GOAL_TASKS = (1, 2, 4, 8)
+
+
+def out_dir() -> Path:
+    if os.environ.get("BENCH_OUT"):
+        return Path(os.environ["BENCH_OUT"])
+    return ROOT / ("runs/bench-quick" if quick() else "results")
 
 
 def device_line() -> str:
@@ -39,11 +52,27 @@ def device_line() -> str:
     return f"CPU: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def git_commit() -> str:
+def git(*args: str) -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
     except OSError:
-        return "unknown"
+        return ""
+
+
+def committed() -> dict:
+    """The committed results/bench.json (HEAD), else the file on disk; {} when neither exists."""
+    text = git("show", "HEAD:results/bench.json")
+    if not text:
+        path = ROOT / "results" / "bench.json"
+        text = path.read_text() if path.exists() else ""
+    try:
+        return json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def committed_results() -> dict:
+    return committed().get("results", {})
 
 
 def run_bench(name: str):
@@ -57,118 +86,125 @@ def run_bench(name: str):
     return out
 
 
-def fmt(x, digits=2, suffix="x"):
-    return "—" if x is None else f"{x:.{digits}f}{suffix}"
+# ---- rows: every comparable number, old (flat "<candidate>/ratio") and new (summaries) bench.json alike ----------
 
 
-def target_rows(results) -> list:
-    """The five goals of issue 14, each as a ratio."""
-    rows = ["| goal | measured | target |", "|---|---|---|"]
-    from bench_kf import KF, KF_LOOP, STEP_T8_FUSED, STEP_T8_LOOP
-
-    kf = results.get("kf") or {}
-    blocks = {k: v for k, v in kf.items() if f"{KF}/ratio" in v}  # the KF-step blocks (not the TSN-bank-alone one)
-    if blocks:
-        worst = max(blocks.items(), key=lambda kv: kv[1][f"{KF}/ratio"])
-        rows.append(f"| 1. KF step / its bound, default objective (worst of T = 1, 2, 4, 8 on digits and dSprites) | "
-                    f"{fmt(worst[1][f'{KF}/ratio'])} ({worst[0]}) | ≤ 1.2x |")
-        for d in ("digits", "dsprites"):
-            scaling = kf.get(f"{d}, T=8 vs T=1")
-            if scaling:  # step(T=1) and step(T=8) timed in one interleaved block
-                rows.append(f"| 2. KF step(T=8) / step(T=1), {d}: TSNs one by one → fused bank (the steps' FLOP ratio: "
-                            f"{fmt(scaling['flop ratio T=8 / T=1'])}; per extra TSN {scaling['ms per extra TSN, one by one']:.1f} → "
-                            f"{scaling['ms per extra TSN, fused bank']:.1f} ms) | {fmt(scaling[f'{STEP_T8_LOOP}/ratio'])} → "
-                            f"{fmt(scaling[f'{STEP_T8_FUSED}/ratio'])} | ≤ 1.5x{' (digits)' if d == 'digits' else ''} |")
-            elif f"{d}, T=8" in blocks and f"{d}, T=1" in blocks:
-                t1, t8 = blocks[f"{d}, T=1"], blocks[f"{d}, T=8"]
-                rows.append(f"| 2. KF step(T=8) / step(T=1), {d}: TSNs one by one → fused bank | "
-                            f"{fmt(t8[f'{KF_LOOP}/ms'] / t1[f'{KF_LOOP}/ms'])} → {fmt(t8[f'{KF}/ms'] / t1[f'{KF}/ms'])} | "
-                            f"≤ 1.5x{' (digits)' if d == 'digits' else ''} |")
-    for name, block in (results.get("trainer") or {}).items():
-        rows.append(f"| 3. trainer / minimal loop, {name}, evaluation at the end (every epoch) | "
-                    f"{fmt(block['kbricks run_training, evaluation at the end/ratio'], 3)} "
-                    f"({fmt(block['kbricks run_training, evaluation every epoch/ratio'], 3)}) | ≤ 1.05x |")
-    demo = results.get("demo") or {}
-    d, b = demo.get("idle"), demo.get("busy")
-    if d:
-        rows.append(f"| 4. `make demo` wall time / 10 min ({d['workers']} workers, {d['cores']} cores, load {d['load_before']:.1f} at start, {d['date']}) | "
-                    f"{d['wall_s'] / 600:.2f}x ({d['wall_s'] / 60:.1f} min) | ≤ 1.0x on 2 idle cores |")
-    else:
-        rows.append("| 4. `make demo` wall time / 10 min | not measured yet (`make demo` writes runs/demo/demo-time.json) | ≤ 1.0x |")
-    if d and b:
-        rows.append(f"| 4b. (issue 16) `make demo` next to one CPU-bound process / idle ({b['date']}) | "
-                    f"{b['wall_s'] / d['wall_s']:.2f}x ({b['wall_s'] / 60:.1f} vs {d['wall_s'] / 60:.1f} min) | ≤ 1.5x |")
-    accel = results.get("accel") or {}
-    for name, block in accel.items():
-        parts = [f"{k[:-6]} {v:.2f}x" for k, v in block.items() if k.endswith("/ratio") and not k.startswith("fp32")]
-        rows.append(f"| 5. accelerator options / fp32 eager, {name}, on {device_line().split(',')[0]} | {'; '.join(parts)} | runs (CUDA when present) |")
-    return rows
-
-
-def supermask_rows(results) -> list:
-    """Issue 16: the cost of the supermask operations as the number of stored masks T grows (ratios to T = 5)."""
-    sm = results.get("supermask") or {}
-    rows = []
-    for block, (label, target) in {
-            "known-task evaluation (1000 images) vs stored masks T": ("known-task evaluation, 1000 images", "≤ 1.2x"),
-            "known-task evaluation (16 images) vs stored masks T": ("known-task evaluation, 16 images", "≤ 1.2x"),
-            "one-shot inference (16 images) vs stored masks T": ("one-shot task inference, 16 images", "linear: ≤ 50x (T grows 50x)"),
-            "storing a mask vs stored masks T": ("storing one more mask", "independent of T"),
-    }.items():
-        vals = sm.get(block) or {}
-        if "T=250/ratio" in vals:
-            rows.append(f"| {label}: T = 250 / T = 5 | {vals['T=250/ratio']:.2f}x ({vals['T=250/ms']:.2f} vs {vals['T=5/ms']:.2f} ms) | {target} |")
-    return ["| operation | measured | target |", "|---|---|---|", *rows] if rows else []
-
-
-def thread_rows(results) -> list:
-    t = results.get("threads") or {}
-    meta = t.get("_meta", {})
-    if not t:
-        return []
-    rows = [f"Wall clock; the machine's 1-minute load average was {meta.get('load_average_1min', float('nan')):.1f} on "
-            f"{meta.get('cores')} cores when measured (an idle machine reads ~0). Ratios are to 1 thread with no neighbour.", "",
-            "| step | 1 thread | 2 threads | 1 thread, busy neighbour | 2 threads, busy neighbour |", "|---|---|---|---|---|"]
-    for name, b in t.items():
-        if name.startswith("_"):
+def flat_rows(results: dict) -> dict:
+    """{(bench, block, row): median} of every lower-is-better number: each non-baseline candidate's ratio, and the
+    memory values. The pre-issue-24 layout ("<candidate>/ratio" keys) reads as the same rows, so old files compare."""
+    rows = {}
+    for bench, blocks in (results or {}).items():
+        if bench == "demo" or not isinstance(blocks, dict):
             continue
-        cells = [f"{b[f'{name}, {k}, {c}/ms']:.1f} ms ({b[f'{name}, {k}, {c}/ratio']:.2f}x)"
-                 for c in ("no neighbour", "one busy neighbour") for k in ("1 thread", "2 threads")]
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+        for block, vals in blocks.items():
+            if block.startswith("_") or not isinstance(vals, dict):
+                continue
+            if "candidates" in vals:
+                for cand, r in vals["candidates"].items():
+                    if cand != vals.get("baseline") and isinstance(r, dict) and "ratio" in r:
+                        rows[(bench, block, cand)] = r["ratio"]["median"]
+                if "growth / FLOP growth" in vals:
+                    rows[(bench, block, "growth / FLOP growth")] = vals["growth / FLOP growth"]["median"]
+            elif "values" in vals:
+                for k, v in vals["values"].items():
+                    if isinstance(v, (int, float)) and ("MiB" in k or "bits" in k):
+                        rows[(bench, block, k)] = float(v)
+            else:  # old layout
+                for k, v in vals.items():
+                    if k.endswith("/ratio") and isinstance(v, (int, float)) and v != 1.0:
+                        rows[(bench, block, k[:-6])] = float(v)
     return rows
 
 
-def refresh_demo(results) -> None:
-    """`make demo` timings live in runs/demo/ (not committed): copy the newest into the results kept in bench.json.
-    demo-time-busy.json is a `make demo` run next to one CPU-bound process, copied there by hand."""
-    demo = results.setdefault("demo", {})
-    for key, name in (("idle", "demo-time.json"), ("busy", "demo-time-busy.json")):
-        path = ROOT / "runs" / "demo" / name
-        if path.exists():
-            demo[key] = json.loads(path.read_text())
+def regressions(new: dict, old: dict, benches) -> dict:
+    """{row: (old, new)} for the rows of the measured benches whose median grew by more than 10 %."""
+    a, b = flat_rows(old), flat_rows(new)
+    return {k: (a[k], v) for k, v in b.items() if k[0] in benches and k in a and a[k] > 0 and v > WORSE * a[k]}
 
 
-def main() -> None:
-    threads = int(os.environ.get("BENCH_THREADS", "1"))
-    torch.set_num_threads(threads)
-    only = [b for b in os.environ.get("BENCH_ONLY", ",".join(BENCHES)).split(",") if b]
-    device = device_line()
-    print(f"[bench] {device}; {threads} intra-op thread(s); clock {os.environ.get('BENCH_CLOCK', 'wall')}", flush=True)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    out = ROOT / "results" / "bench.json"
-    saved = json.loads(out.read_text()) if out.exists() and set(only) != set(BENCHES) else {}
-    results = saved.get("results", {})  # a subset run (BENCH_ONLY) keeps the other benches' last numbers
-    meta = {"device": device, "threads": threads, "torch": torch.__version__, "clock": os.environ.get("BENCH_CLOCK", "wall"),
-            "load_average_at_start": load, "commit": git_commit(), "date": datetime.date.today().isoformat()}
-    measured = saved.get("measured", {})
-    refresh_demo(results)
-    for name in only:
-        results[name] = run_bench(name)
-        measured[name] = {k: meta[k] for k in ("commit", "date", "load_average_at_start")}
-        torch.set_num_threads(threads)
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "measured": measured, "results": results}, indent=2))
-    render(results, meta, measured)
+def change(key, new_rows, old_rows) -> str:
+    if key not in new_rows:
+        return ""
+    if key not in old_rows:
+        return "new"
+    rel = new_rows[key] / old_rows[key] - 1 if old_rows[key] else 0.0
+    text = f"{100 * rel:+.0f} %"
+    return f"**{text} worse (> 10 %)**" if new_rows[key] > WORSE * old_rows[key] else text
+
+
+# ---- goals ------------------------------------------------------------------------------------------------------
+
+
+def goal(label: str, stat, target: float, unit: str = "x", digits: int = 2) -> dict:
+    if stat is None:
+        return {"goal": label, "measured": "not measured", "target": f"≤ {target:g}{unit}", "status": "not measured"}
+    return {"goal": label, "measured": fmt_stat(stat, digits, unit), "target": f"≤ {target:g}{unit}",
+            "status": "met" if stat["median"] <= target else "not met"}
+
+
+def issue24_goals(results: dict) -> list:
+    """The goals of issue 24, each with the measured median [IQR] and met / not met (on the median)."""
+    from bench_kf import KF
+
+    kf, sm = results.get("kf") or {}, results.get("supermask") or {}
+    rows = []
+    for d in ("digits", "dsprites"):
+        for t in GOAL_TASKS:
+            block = kf.get(f"{d}, T={t}, plain bound", {}).get("candidates", {})
+            rows.append(goal(f"KF step / plain bound, {d}, T={t}", (block.get(KF) or {}).get("ratio"), 1.15))
+    for d in ("digits", "dsprites"):
+        growth = next((v for k, v in kf.items() if k.startswith(f"{d}, growth T=1 to")), None)
+        big = growth["big T"] if growth else 8
+        label = (f"fused KF step growth T=1→{big} / FLOP growth, {d}"
+                 + (f" (step ratio {fmt_stat(growth['candidates'][f'kf step, T={big}, fused bank']['ratio'], suffix='x')}, "
+                    f"FLOP ratio {growth['flop ratio']:.2f}x)" if growth else ""))
+        rows.append(goal(label, growth["growth / FLOP growth"] if growth else None, 1.1))
+    mem = next((v for k, v in sm.items() if k.startswith("memory at T=")), None)
+    t_mem = mem["T"] if mem else 250
+    bits = (mem or {}).get("values", {}).get("bits per stored weight, after one-shot inference")
+    stat = {"median": bits, "iqr": [bits, bits]} if bits is not None else None
+    r = goal(f"one-shot inference, T={t_mem}: memory held per stored mask weight (every tensor the strategy holds, caches included)",
+             stat, 2, " bits", 1)
+    if bits is not None:
+        r["measured"] = f"{bits:.1f} bits (deterministic)"
+    rows.append(r)
+    cw = (sm.get("one-shot inference, cold vs warm") or {}).get("candidates", {})
+    cold = [k for k in cw if "cold" in k]
+    big_cold = max(cold, key=lambda k: int(k.split(",")[0][2:])) if cold else None
+    rows.append(goal(f"one-shot inference, {big_cold.split(',')[0] if big_cold else 'T=250'}: cold (first call) / warm",
+                     cw[big_cold]["ratio"] if big_cold else None, 2))
+    return rows
+
+
+def earlier_targets(results: dict) -> list:
+    """Issue 14 / 16 targets that still apply (trainer overhead, the demo's wall time, supermask cost against T)."""
+    rows = []
+    for name, block in (results.get("trainer") or {}).items():
+        c = block.get("candidates", {}).get("kbricks run_training")
+        if c:
+            rows.append(goal(f"trainer / plain torch loop, {name} (evaluation at the end)", c["ratio"], 1.05, digits=3))
+    demo = (results.get("demo") or {}).get("idle")
+    if demo:
+        rows.append({"goal": f"`make demo` wall time ({demo['workers']} workers, {demo['cores']} cores, load {demo['load_before']:.1f}, {demo['date']})",
+                     "measured": f"{demo['wall_s'] / 60:.1f} min", "target": "≤ 10 min on 2 idle cores",
+                     "status": "met" if demo["wall_s"] <= 600 else "not met"})
+    sm = results.get("supermask") or {}
+    for block, (label, target) in {"known-task evaluation (1000 images) vs stored masks T": ("known-task evaluation, 1000 images", 1.2),
+                                   "known-task evaluation (16 images) vs stored masks T": ("known-task evaluation, 16 images", 1.2),
+                                   "storing a mask vs stored masks T": ("storing one more mask", 1.2)}.items():
+        c = (sm.get(block) or {}).get("candidates", {})
+        big = max(c, key=lambda k: int(k[2:])) if c else None
+        if big and big != f"T={min(int(k[2:]) for k in c)}":
+            rows.append(goal(f"{label}: {big} / T={min(int(k[2:]) for k in c)}", c[big]["ratio"], target))
+    return rows
+
+
+def goal_table(rows) -> list:
+    return ["| goal | measured: median [IQR] | target | status |", "|---|---|---|---|",
+            *(f"| {r['goal']} | {r['measured']} | {r['target']} | {r['status']} |" for r in rows)]
+
+
+# ---- the page ---------------------------------------------------------------------------------------------------
 
 
 def when(measured, meta) -> list:
@@ -180,41 +216,123 @@ def when(measured, meta) -> list:
     return ["", "Benches measured in different runs: " + "; ".join(parts) + "."]
 
 
-def render(results, meta, measured=None) -> None:
-    """results/bench.md from the measured numbers (``python benchmarks/run_all.py --render`` redraws it from
-    results/bench.json, e.g. after a `make demo` measurement)."""
-    out = ROOT / "results" / "bench.json"
-    device, threads, load = meta["device"], meta["threads"], meta["load_average_at_start"]
+def block_table(bench: str, block: str, vals: dict, new_rows: dict, old_rows: dict) -> list:
+    lines = [f"## {bench}: {vals.get('title', block)}", "", vals.get("compares", ""), ""]
+    if "values" in vals:
+        lines += ["| quantity | value | vs committed |", "|---|---|---|"]
+        for k, v in vals["values"].items():
+            lines.append(f"| {k} | {v:,.2f} | {change((bench, block, k), new_rows, old_rows)} |")
+        return lines + [""]
+    lines += [f"| candidate | ms: median [IQR] | wall ms | ratio to {vals['baseline']}: median [IQR] | vs committed |", "|---|---|---|---|---|"]
+    for cand, r in vals["candidates"].items():
+        wall = f"{r['wall_ms']['median']:.2f}" if "wall_ms" in r else "—"
+        lines.append(f"| {cand} | {fmt_stat(r['ms'])} | {wall} | {fmt_stat(r['ratio'], suffix='x')} | "
+                     f"{change((bench, block, cand), new_rows, old_rows)} |")
+    if "growth / FLOP growth" in vals:
+        lines.append(f"| growth / FLOP growth (FLOP ratio {vals['flop ratio']:.2f}x) | | | {fmt_stat(vals['growth / FLOP growth'], suffix='x')} | "
+                     f"{change((bench, block, 'growth / FLOP growth'), new_rows, old_rows)} |")
+    extra = {k: v for k, v in vals.items() if k.startswith("trained")}
+    if extra:
+        lines += ["", "; ".join(f"{k}: {100 * v:.1f} %" for k, v in extra.items() if v is not None) + " (results/runs/cl/scale)."]
+    return lines + [""]
+
+
+def render(results, meta, measured=None, old=None, out=None, old_meta=None) -> str:
+    """bench.md from the measured numbers (``python benchmarks/run_all.py --render`` redraws it from bench.json).
+    ``old``: the results to flag regressions against (default: the committed bench.json); a smoke run flags none."""
+    out = out or out_dir()
+    if old is None:
+        saved = committed()
+        old, old_meta = saved.get("results", {}), saved.get("meta", {})
+    if meta.get("quick"):
+        old = {}
+    new_rows, old_rows = flat_rows(results), flat_rows(old)
+    flagged = regressions(results, old, [b for b in results if b != "demo"])
+    elsewhere = (f" The committed numbers were measured on {old_meta['device']} ({old_meta.get('clock', 'wall')} clock), "
+                 "this run's on another device: read the changes with that in mind."
+                 if old_meta and old_meta.get("device") not in (None, meta["device"]) else "")
     lines = ["# Benchmarks", "",
-             f"`make bench` on {device}, {threads} intra-op thread(s) unless a row says otherwise, {meta['clock']} clock, "
-             f"commit {meta['commit']}, {meta['date']}; 1-minute load average {load:.1f} at the start. Candidates are timed "
-             "interleaved in one process (median of rounds); each ratio is to the first row of its block.", *when(measured, meta), "",
-             "## Issue 14 targets", ""] + target_rows(results)
-    supermask = supermask_rows(results)
-    if supermask:
-        lines += ["", "## Issue 16 targets: supermask cost against the number of stored masks", ""] + supermask
-    if "threads" in results:
-        lines += ["", "## Threads (issue 16): 1 vs 2 intra-op threads, alone and next to one CPU-bound process", ""] + thread_rows(results)
+             f"`make bench` on {meta['device']}, {meta['threads']} intra-op thread(s) unless a row says otherwise, {meta['clock']} clock, "
+             f"commit {meta['commit']}, {meta['date']}; 1-minute load average {meta['load_average_at_start']:.1f} at the start"
+             f"{' — QUICK SMOKE RUN: the numbers mean nothing' if meta.get('quick') else ''}. "
+             "Candidates alternate within each round (order rotated) in one process; every ratio is computed within a round "
+             "and reported as the median [interquartile range, 25–75 %] over the rounds (at least 5 for a full run). "
+             "Bounds and baselines are plain PyTorch written in the bench files (benchmarks/bench_kf.py `bound_step`, "
+             "benchmarks/bench_trainer.py `plain_loop`).", *when(measured, meta), "",
+             "## Issue 24 goals", "", *goal_table(issue24_goals(results)), "",
+             "## Earlier targets (issues 14, 16)", "", *goal_table(earlier_targets(results)), "",
+             "## Regressions against the committed results/bench.json", "",
+             "Each block's last column compares the row's median with the committed file's (time ratios, memory values; "
+             f"lower is better); more than 10 % worse is flagged here and in bold.{elsewhere}", ""]
+    if meta.get("quick"):
+        lines.append("Not compared: a smoke run (BENCH_QUICK).")
+    elif flagged:
+        lines += ["Rows whose median got more than 10 % worse (ratios for timings, values for memory):", "",
+                  "| bench | block | row | committed | now |", "|---|---|---|---|---|",
+                  *(f"| {b} | {blk} | {row} | {o:.3g} | **{n:.3g}** |" for (b, blk, row), (o, n) in flagged.items())]
+    else:
+        lines.append("None: no row's median got more than 10 % worse (rows missing from the committed file are new).")
     lines.append("")
     for bench, blocks in results.items():
         if bench == "demo":
             continue
         for block, vals in blocks.items():
-            if block.startswith("_"):
+            if block.startswith("_") or not isinstance(vals, dict) or not ("candidates" in vals or "values" in vals):
                 continue
-            lines += [f"## {bench}: {block}", "", "| candidate | ms | ratio |", "|---|---|---|"]
-            for k in [k for k in vals if k.endswith("/ms")]:
-                name = k[:-3]
-                ratio = vals.get(name + "/ratio")
-                lines.append(f"| {name} | {vals[k]:.2f} | {'—' if ratio is None else f'{ratio:.2f}x'} |")
-            lines.append("")
-    (out.parent / "bench.md").write_text("\n".join(lines))
-    print(f"\nwritten {out} and {out.parent / 'bench.md'}")
+            lines += block_table(bench, block, vals, new_rows, old_rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.md").write_text("\n".join(lines))
+    for (b, blk, row), (o, n) in flagged.items():
+        print(f"[bench] REGRESSION > 10 %: {b} / {blk} / {row}: {o:.3g} -> {n:.3g}")
+    print(f"\nwritten {out / 'bench.json'} and {out / 'bench.md'}")
+    return "\n".join(lines)
+
+
+def refresh_demo(results) -> None:
+    """`make demo` timings live in runs/demo/ (not committed): copy the newest into the results kept in bench.json."""
+    demo = results.setdefault("demo", {})
+    for key, name in (("idle", "demo-time.json"), ("busy", "demo-time-busy.json")):
+        path = ROOT / "runs" / "demo" / name
+        if path.exists():
+            demo[key] = json.loads(path.read_text())
+
+
+def main() -> None:
+    threads = int(os.environ.get("BENCH_THREADS", "1"))
+    torch.set_num_threads(threads)
+    only = [b for b in os.environ.get("BENCH_ONLY", ",".join(BENCHES)).split(",") if b]
+    unknown = sorted(set(only) - set(BENCHES))
+    if unknown:
+        raise SystemExit(f"BENCH_ONLY: unknown bench {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
+    device = device_line()
+    print(f"[bench] {device}; {threads} intra-op thread(s); clock {clock_name()}{'; QUICK smoke run' if quick() else ''}", flush=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    out = out_dir()
+    path = out / "bench.json"
+    old_saved = committed()
+    saved = json.loads(path.read_text()) if path.exists() and set(only) != set(BENCHES) else {}
+    saved_results = saved.get("results", {})
+    results = {k: v for k, v in saved_results.items() if k not in only}  # a subset run keeps the other benches' last numbers
+    meta = {"device": device, "threads": threads, "torch": torch.__version__, "clock": clock_name(), "quick": quick(),
+            "load_average_at_start": load, "commit": git("rev-parse", "--short", "HEAD").strip() or "unknown",
+            "date": datetime.date.today().isoformat()}
+    measured = {k: v for k, v in saved.get("measured", {}).items() if k in results}
+    refresh_demo(results)
+    t0 = time.time()
+    for name in only:
+        results[name] = run_bench(name)
+        measured[name] = {k: meta[k] for k in ("commit", "date", "load_average_at_start")}
+        torch.set_num_threads(threads)
+    meta["seconds"] = round(time.time() - t0)
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "measured": measured, "results": results}, indent=2))
+    render(results, meta, measured, old_saved.get("results", {}), out, old_saved.get("meta", {}))
+    print(f"[bench] all benches: {meta['seconds']} s")
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--render"]:
-        path = ROOT / "results" / "bench.json"
+        path = out_dir() / "bench.json"
         saved = json.loads(path.read_text())
         refresh_demo(saved["results"])
         path.write_text(json.dumps(saved, indent=2))

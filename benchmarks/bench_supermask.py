@@ -7,9 +7,8 @@
    * loop over impressions: k masked forwards per batch, summed (the naive alternative).
 2. How the cost grows with the number of stored masks T = 5, 50, 250, 1000 (issue 16), as ratios to T = 5:
    * known-task evaluation (SupSup ``predict_task``: the task's own packed mask is unpacked, nothing else is read);
-   * one-shot task inference over all T masks (one forward/backward, one dot product per stored mask); banks whose
-     float view would exceed ``MaskBank.float_cache_bytes`` (512 MiB per layer: T = 1000 here) are read packed,
-     through per-byte lookup tables, and are also timed with the float view kept;
+   * one-shot task inference over all T masks (one forward/backward, one dot product per stored mask, read from the
+     packed 1-bit masks a block at a time: no float copy of the masks is kept);
    * storing a mask (packed, capacity doubling): the median store while T masks are stored.
 3. One-shot inference cold vs warm (issue 24): the first call on a freshly built strategy (T = 5, 250) against the
    median of the calls after it, per round; and the memory the strategy holds at T = 250: the bytes of every tensor

@@ -75,7 +75,7 @@ def main() -> None:
     print(f"{result['scenario']}, {args.epochs} epochs per task, seed {args.seed}: GG accuracy (task id given, full test sets) "
           f"{100 * summary['avg_acc']:.2f}%; {args.trials} batches per task and size; {result['total_seconds']:.0f} s in all")
     print("| rule | images per batch | task inferred right % | labels right, predict(x) % | labels right, predict_task(x, true task) % "
-          "| predict labels = predict_task labels % | ms per call |")
+          "| predict labels = predict_task labels % | ms per trial (both calls) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['rule']} | {r['images']} | {100 * r['task_inference']:.1f} | {100 * r['label_acc_predict']:.2f} | "

@@ -580,17 +580,18 @@ def plot_accuracy_vs_k(study: Dict[str, Any], path: Path) -> Optional[Path]:
     ks = study["ks"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, metric, title in zip(axes, ("avg_acc", "new_acc"), ("all tasks", "tasks that are not impressions")):
-        for kind, marker in zip(KINDS, "o^sD"):
+        for i, (kind, marker) in enumerate(zip(KINDS, "o^sD")):
             pts = [(k, _ms(study, ("impresslearn", kind, str(k), metric))) for k in ks]
             pts = [(k, m) for k, m in pts if m]
             if pts:
                 ax.errorbar([k for k, _ in pts], [100 * m["mean"] for _, m in pts], yerr=[100 * m["std"] for _, m in pts],
-                            marker=marker, capsize=3, label=KIND_LABELS[kind])
+                            marker=marker, color=f"C{i}", capsize=3, label=KIND_LABELS[kind])  # one colour per kind in every plot
         for name, key, style in (("SupSup", ("supsup", "avg_acc"), "--"), ("dense fine-tuning", ("finetune", "avg_acc"), ":")):
             m = _ms(study, key)
             if m:
                 ax.axhline(100 * m["mean"], linestyle=style, color="gray", label=name)
         ax.set_xscale("log")
+        ax.minorticks_off()  # a k range under one decade would label minor ticks ("2 x 10^0")
         ax.set_xticks(ks)
         ax.set_xticklabels([str(k) for k in ks])
         ax.set_xlabel("impressions k")

@@ -291,8 +291,8 @@ class ImpressLearn(ContinualStrategy):
         return Combination(self.alpha)
 
     def regulariser(self) -> Optional[torch.Tensor]:
-        if self.stage.name != "alpha":
-            return None
+        if self.stage.name != "alpha" or not self.params.reg:
+            return None  # reg 0 (authors_mnist): cross-entropy only
         return self.params.reg * alpha_regulariser(self.alpha)
 
     # ---- evaluation ----------------------------------------------------------------------------------------

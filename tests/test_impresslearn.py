@@ -156,3 +156,71 @@ def test_dense_finetune_baseline_forgets(tmp_path):
     assert r["forgetting"] > 0.1 and r["bwt"] < -0.1
     assert r["bytes_per_task"] == 0 and r["shared_params"] == 64 * 64 + 64 * 64 + 64 * 10
     assert r["accuracy_matrix"][0][0] > 0.5
+
+
+def test_recipes_set_the_authors_settings_and_a_bad_one_is_named():
+    with pytest.raises(ConfigError, match="method.recipe: .*'authors_mnist' or 'authors_cifar' \\(got 'authors'\\)") as e:
+        tiny(**{"method.recipe": "authors"})
+    assert "\n" not in str(e.value)
+    # authors_cifar: the settings the CL study ran as "the authors'" before (their CIFAR code), whatever the config says
+    cifar = build_experiment(tiny(**{"method.recipe": "authors_cifar", "method.alpha_init": "best"})).method
+    p = cifar.params
+    assert (p.alpha_init, p.start_at_optimal, p.keep_best, p.alpha_optim.name, p.alpha_optim.lr, p.alpha_optim.weight_decay) == \
+        ("uniform", True, False, "adam", 0.02, 0.01)
+    assert (p.density, p.mask_ranking, p.reg, p.alpha_steps) == (0.5, "abs", 0.005, None)  # untouched
+    mnist = build_experiment(tiny(**{"method.recipe": "authors_mnist"})).method
+    p = mnist.params
+    assert (p.alpha_init, p.start_at_optimal, p.keep_best, p.reg, p.alpha_optim.name, p.alpha_optim.lr) == ("uniform", False, False, 0.0, "rmsprop", 1e-3)
+    assert (p.density, mnist.net.density, p.mask_ranking, p.impression_tasks, p.alpha_steps) == (0.25, 0.25, "raw", "first_k", 938)
+    # 938 steps in whole epochs: digits' 1438 training images in batches of 64 are 22 steps per epoch -> 43 epochs
+    assert len(mnist.scenario[2].train) // 64 == 22 and mnist.alpha_epochs(2) == 43
+    assert [s.epochs for s in mnist.stages(2)] == [43]
+    assert mnist.summary()["recipe"]["alpha_optim"]["name"] == "rmsprop" and mnist.summary()["impression_tasks"] == [0, 1]
+    assert "recipe" not in build_experiment(tiny()).method.summary()
+
+
+def test_authors_mnist_impressions_keep_the_top_quarter_by_raw_score():
+    from kbricks.continual.impresslearn import RawScoreMasks
+    from kbricks.continual.strategy import Stage
+
+    s = build_experiment(tiny(**{"method.recipe": "authors_mnist"})).method
+    stage = Stage("impression", 0, s.cfg.optim, 1, index=0)
+    scores = s.begin_stage(stage)
+    assert isinstance(s.training_source(), RawScoreMasks)
+    with torch.no_grad():
+        scores[0].copy_(torch.linspace(-2, 1, scores[0].numel()).view_as(scores[0]))  # the largest |score| are negative
+    s.end_stage(stage)
+    stored = s.net.masked_layers()[0].bank.get(0).bool()
+    raw = torch.linspace(-2, 1, stored.numel()).view_as(stored)
+    assert stored.sum().item() == -(-stored.numel() // 4)  # ceil(25 %)
+    assert raw[stored].min() > raw[~stored].max() and raw[stored].min() > 0  # by raw score: no negative score kept
+
+
+@pytest.fixture(scope="module")
+def supsup4(tmp_path_factory):
+    """A SupSup run of 4 tasks (a few steps each): a donor of stored masks."""
+    path = tmp_path_factory.mktemp("sup4") / "sup"
+    run_continual(tiny("supsup", tasks=4, **{"train.epochs": 1, "train.max_steps_per_epoch": 2}), path)
+    return path
+
+
+@pytest.mark.parametrize("choice, slots", [("first_k", [0, 1]), ("spread", [0, 2])])
+def test_impression_choice_picks_the_donor_masks(supsup4, choice, slots):
+    sup = build_experiment(tiny("supsup", tasks=4))
+    from kbricks.core.checkpoint import load_checkpoint, load_state_into
+
+    load_state_into(sup.method, load_checkpoint(supsup4 / "ckpt" / "last.pt")["model"])
+    s = build_experiment(tiny(tasks=4, **{"method.source": "stored", "method.from_run": str(supsup4), "method.impression_tasks": choice})).method
+    assert s.impression_slots == slots and s.summary()["impression_tasks"] == slots
+    assert s.own_slot == {t: i for i, t in enumerate(slots)}  # the donor is SupSup on this scenario: its mask t is task t's
+    for layer, donor in zip(s.net.masked_layers(), sup.method.net.masked_layers()):
+        assert all(torch.equal(layer.bank.get(i), donor.bank.get(t)) for i, t in enumerate(slots))
+
+
+def test_impression_choice_errors(supsup4):
+    with pytest.raises(ConfigError, match="impression_tasks: spread needs source: stored"):
+        tiny(**{"method.impression_tasks": "spread"})
+    with pytest.raises(ConfigError, match="give slots or impression_tasks: spread, not both"):
+        tiny(**{"method.source": "stored", "method.from_run": "x", "method.slots": [0, 1], "method.impression_tasks": "spread"})
+    with pytest.raises(ConfigError, match="impressions=5: .* stores only 4 masks"):
+        build_experiment(tiny(tasks=4, **{"method.source": "stored", "method.from_run": str(supsup4), "method.impressions": 5}))

@@ -28,7 +28,8 @@ def test_quick_cl_study_claims_and_report(tmp_path, monkeypatch):
     rec = summary["runs"][0]
     sup, il = rec["supsup"], rec["impresslearn"]
     assert sup["forgetting"] == 0.0 and sup["params_per_task"] == 64 * 32 + 32 * 32 + 32 * 10
-    assert set(il) == {"heterogeneous", "homogeneous", "random"} and set(il["random"]) == {"1", "2"}
+    assert set(il) == {"heterogeneous", "heterogeneous_first_k", "homogeneous", "random"} and set(il["random"]) == {"1", "2"}
+    assert il["heterogeneous_first_k"]["2"]["same_run_as"] == "heterogeneous"  # 3 tasks: spread k=2 is tasks 0, 1 = the first k
     assert il["heterogeneous"]["2"]["params_per_task"] == 3 * 2 and il["heterogeneous"]["2"]["new_tasks"] == [2]
     assert all(r["forgetting"] == 0.0 for kind in ("heterogeneous", "random") for r in il[kind].values())
     assert rec["finetune"]["bytes_per_task"] == 0 and "gns_acc/refit_nearest/8img" in il["heterogeneous"]["2"]
@@ -37,7 +38,7 @@ def test_quick_cl_study_claims_and_report(tmp_path, monkeypatch):
     again = run_cl_study([0], tmp_path / "runs", quick=True, log=lambda s: None)
     assert again["runs"][0]["supsup"]["avg_acc"] == summary["runs"][0]["supsup"]["avg_acc"]
     md = write_results(tmp_path / "runs", tmp_path / "results").read_text()
-    assert "Continual learning on PermutedMNIST-5k" in md and "| SupSup one-shot |" in md and "| heterogeneous |" in md
+    assert "Continual learning on PermutedMNIST-5k" in md and "| SupSup one-shot |" in md and "| heterogeneous, spread |" in md and "| heterogeneous, first k |" in md
     assert (tmp_path / "results/plots/cl_permuted_accuracy_vs_k.png").exists()
     rows = evaluate_claims(tmp_path / "runs")
     assert len(rows) == len(CLAIMS)

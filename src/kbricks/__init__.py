@@ -21,7 +21,7 @@ Config files (teachers, sources and models may be kbricks runs, TorchScript file
 """
 
 from ._version import __version__
-from .api import ContinualRun, Factorization, Run, accuracy, distill, extend, factorize, learn_continually
+from .api import ContinualRun, Factorization, Run, TaskFreePrediction, accuracy, distill, extend, factorize, learn_continually
 from .engine.evaluate import evaluate_run as evaluate
 from .engine.experiment import build_config, load_config
 from .engine.export import export
@@ -39,6 +39,6 @@ from .models.supermask import supermask
 __all__ = [
     "__version__", "assemble", "build_config", "evaluate", "export", "load_assembled", "load_brick", "load_config", "load_model",
     "save_assembled", "train", "scan_bricks", "choose_bricks",
-    "factorize", "extend", "distill", "learn_continually", "accuracy", "supermask", "zoo", "NetworkSpec", "Run", "Factorization", "ContinualRun",
+    "factorize", "extend", "distill", "learn_continually", "accuracy", "supermask", "zoo", "NetworkSpec", "Run", "Factorization", "ContinualRun", "TaskFreePrediction",
     "CheckpointError", "ConfigError", "DataError", "KbricksError", "TrainingDiverged",
 ]

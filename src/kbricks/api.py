@@ -97,10 +97,27 @@ class Factorization(Run):
         return accuracy(self.assemble(tasks).to(self.device), x, y)  # it carries the run's input normalisation
 
 
+TASK_INFERENCE = ("one_shot", "binary", "refit_uniform", "refit_nearest")
+
+
+@dataclass(frozen=True)
+class TaskFreePrediction:
+    """What :meth:`ContinualRun.predict` returns: ``labels`` [N] (class ids within the inferred task), ``tasks`` [N]
+    (the task inferred for each image's group) and ``logits`` [N, outputs] (the run's full output width; only the
+    inferred task's first ``num_classes`` columns are its classes). Unpacks as ``labels, tasks = ...``."""
+
+    labels: torch.Tensor
+    tasks: torch.Tensor
+    logits: torch.Tensor = field(repr=False)
+
+    def __iter__(self):
+        return iter((self.labels, self.tasks))
+
+
 @dataclass
 class ContinualRun(Run):
     """A continual run: ``summary`` holds the accuracy matrix and forgetting; ``predict_task(x, t)`` classifies
-    with task ``t``'s mask."""
+    with task ``t``'s mask; ``predict(x)`` infers the task first (no task id needed)."""
 
     @torch.no_grad()
     def predict_task(self, x: Any, task: int, batch_size: int = 512) -> torch.Tensor:
@@ -108,8 +125,47 @@ class ContinualRun(Run):
         x = torch.as_tensor(x).float()
         return torch.cat([self.method.predict_task(self.normalize(x[i:i + batch_size]), task).cpu() for i in range(0, len(x), batch_size)])
 
-    def predict(self, x: Any, batch_size: int = 512) -> torch.Tensor:
-        raise ConfigError("a continual run classifies per task: use predict_task(x, task)")
+    def predict(self, x: Any, infer: str = "one_shot", group: Optional[int] = None) -> TaskFreePrediction:
+        """Labels of raw inputs ``x`` without a task id. The images of a group are assumed to come from one task
+        (SupSup's setting): ``group=None`` treats all of ``x`` as one batch, ``group=n`` infers a task for every ``n``
+        consecutive images (``group=1``: every image on its own). ``infer``: ``one_shot`` or ``binary`` (SupSup's
+        gradient rules on the superposition of the stored masks), ``refit_uniform`` / ``refit_nearest`` (ImpressLearn:
+        coefficients re-fit to the group by entropy minimisation; the labels come from the re-fit combination, the
+        task is the one whose stored coefficients are nearest). Measured accuracy: docs/api.md."""
+        s = self.method
+        if not getattr(s, "supports_task_inference", lambda: False)():
+            raise ConfigError(f"{type(s).__name__} cannot infer the task (no per-task masks to compare): use predict_task(x, task)")
+        if infer not in TASK_INFERENCE:
+            raise ConfigError(f"predict: infer={infer!r} is not a task-inference rule; use one of {', '.join(TASK_INFERENCE)}")
+        if infer.startswith("refit_") and s.task_coefficients() is None:
+            raise ConfigError(f"predict: infer={infer!r} re-fits ImpressLearn's coefficients; {type(s).__name__} stores one mask per task "
+                              "(use one_shot or binary)")
+        if group is not None and group < 1:
+            raise ConfigError(f"predict: group={group} must be >= 1 (images per inferred task) or None (all of x)")
+        from .continual.inference import infer_task, refit_coefficients
+
+        x = torch.as_tensor(x).float()
+        n = len(x) if group is None else group
+        inference = getattr(getattr(s, "cfg", None), "inference", None)
+        steps, lr = (inference.refit_steps, inference.refit_lr) if inference is not None else (25, 0.01)
+        objective = inference.objective if inference is not None else "entropy"
+        s.eval()
+        labels, tasks, logits = [], [], []
+        for i in range(0, len(x), max(1, n)):
+            xb = self.normalize(x[i:i + n])
+            if infer.startswith("refit_"):
+                out, task = refit_coefficients(s, xb, infer[len("refit_"):], steps, lr)
+            else:
+                task = infer_task(s, xb, infer, objective)
+                with torch.no_grad():
+                    out = s.predict_task(xb, task)
+            out = out.detach().cpu()
+            labels.append(out[:, : s.task_classes[task]].argmax(1))
+            tasks.append(torch.full((len(xb),), task, dtype=torch.long))
+            logits.append(out)
+        if not labels:
+            return TaskFreePrediction(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, 0))
+        return TaskFreePrediction(torch.cat(labels), torch.cat(tasks), torch.cat(logits))
 
 
 def _single(out):
@@ -419,4 +475,4 @@ def learn_continually(backbone: Network, data: Data, *, method: str = "supsup", 
     return ContinualRun(path, summary, strategy, strategy, exp.transform, exp.device)
 
 
-__all__ = ["Run", "Factorization", "ContinualRun", "accuracy", "distill", "extend", "factorize", "learn_continually"]
+__all__ = ["Run", "Factorization", "ContinualRun", "TaskFreePrediction", "accuracy", "distill", "extend", "factorize", "learn_continually"]

@@ -5,7 +5,7 @@ linear combination of them, one coefficient vector of length k per masked layer:
 
 Impressions (``source``):
 
-* ``heterogeneous`` - masks of the first tasks (``per_task`` each). Every task's alpha spans all k impressions, so
+* ``heterogeneous`` - masks of the first k tasks (``per_task`` each). Every task's alpha spans all k impressions, so
   the first tasks form a *seed phase* learned as one block (as in the paper, where the impressions are SupSup masks
   of seed tasks learned before any alpha): with ``seed_tasks: refit`` (default), once the last impression exists each
   seed task's alpha is fit over all k impressions on its own training data (the seed tasks' data are used a second
@@ -15,15 +15,26 @@ Impressions (``source``):
 * ``homogeneous`` - k masks of task 0, each with its own score initialisation and data order (the stage index
   seeds both).
 * ``random`` - Bernoulli(density) masks.
-* ``stored`` - masks of another run on the same backbone (``from_run``, ``slots``): e.g. SupSup masks of tasks
-  spread over a scenario, learned once and reused for every k.
+* ``stored`` - masks of another run on the same backbone (``from_run``, ``slots``): e.g. SupSup masks learned once
+  and reused for every k. Without ``slots``, ``impression_tasks`` picks them: ``first_k`` (the run's first k masks,
+  the authors' choice) or ``spread`` (k masks spread evenly over the run's sequence, task 0 first). On RotatedMNIST
+  the choice is worth tens of points (the CL study shows both).
 
 Each alpha is fit from a start chosen on the task's training data (``alpha_init: best``: the uniform 1/k and every
 single impression, scored first), and with ``keep_best`` the learned alpha is kept only when its training accuracy
 is at least that of the best of those candidates; otherwise the best candidate is kept (and the task's BatchNorm
 statistics are re-estimated for it). A combination is therefore never worse on its training data than the best
-single impression. The authors' settings: ``alpha_init: uniform``, ``start_at_optimal: true``, ``keep_best: false``,
-``alpha_optim`` Adam lr 0.02 with weight decay 0.01.
+single impression. These are kbricks' settings, not the authors'.
+
+``recipe`` selects one of the authors' two published recipes instead (it sets the fields it names, whatever the
+config says; ``summary()["recipe"]`` records the values used):
+
+* ``authors_cifar`` - their CIFAR code: ``alpha_init: uniform``, ``start_at_optimal: true`` (a seed task starts at its
+  own impression), ``keep_best: false``, ``alpha_optim`` Adam lr 0.02 with weight decay 0.01;
+* ``authors_mnist`` - their MNIST notebook and scripts: alpha from 1/k (``alpha_init: uniform``,
+  ``start_at_optimal: false``, ``keep_best: false``) trained by RMSprop lr 1e-3 for ``alpha_steps: 938`` steps with
+  cross-entropy only (``reg: 0``); impression masks keep the top 25 % of the weights by raw score
+  (``density: 0.25``, ``mask_ranking: raw``); the impressions are the first k tasks (``impression_tasks: first_k``).
 """
 
 from __future__ import annotations
@@ -39,8 +50,37 @@ from torch import nn
 from ..config import OptimConfig
 from ..errors import ConfigError
 from ..methods.base import METHODS
-from ..models.masked import CachedWeights, Combination, MaskedLayer, MaskSource, ScoreMasks, StoredMask, unpack_bits
+from ..models.masked import (
+    CachedWeights,
+    Combination,
+    MaskedLayer,
+    MaskSource,
+    ScoreMasks,
+    StoredMask,
+    TopKStraightThrough,
+    unpack_bits,
+)
 from .strategy import Stage, StrategyParams, SupermaskStrategy
+
+RECIPES: Dict[str, Dict[str, object]] = {
+    "authors_cifar": {"alpha_init": "uniform", "start_at_optimal": True, "keep_best": False,
+                      "alpha_optim": {"name": "adam", "lr": 0.02, "weight_decay": 0.01, "schedule": "constant"}},
+    "authors_mnist": {"alpha_init": "uniform", "start_at_optimal": False, "keep_best": False, "reg": 0.0,
+                      "alpha_optim": {"name": "rmsprop", "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0, "schedule": "constant"},
+                      "alpha_steps": 938, "density": 0.25, "mask_ranking": "raw", "impression_tasks": "first_k"},
+}
+
+
+class RawScoreMasks(ScoreMasks):
+    """Edge-popup masks ranked by the raw score (the authors' MNIST code) instead of its magnitude."""
+
+    def mask(self, index: int, layer: "MaskedLayer") -> torch.Tensor:
+        return TopKStraightThrough.apply(self.scores[index], self.density)
+
+
+def spread(num_tasks: int, k: int) -> List[int]:
+    """k task indices spread evenly over a sequence of ``num_tasks`` (0 first)."""
+    return sorted({int(math.floor(i * num_tasks / k)) for i in range(k)})
 
 
 def alpha_regulariser(alpha: torch.Tensor) -> torch.Tensor:
@@ -70,6 +110,19 @@ class ImpressLearn(SupermaskStrategy):
         alpha_optim: OptimConfig = Field(default_factory=lambda: OptimConfig(name="adam", lr=0.05, weight_decay=0.0, schedule="constant"),
                                          description="optimiser of the coefficients")
         alpha_epochs: Optional[int] = Field(None, ge=1, description="epochs of coefficient training (default: train.epochs)")
+        alpha_steps: Optional[int] = Field(None, ge=1, description="coefficient training in steps (rounded up to whole epochs; "
+                                           "overrides alpha_epochs)")
+        mask_ranking: Literal["abs", "raw"] = Field("abs", description="impression masks keep the top weights by |score| or by raw score")
+        impression_tasks: Literal["first_k", "spread"] = Field(
+            "first_k", description="stored without slots: the from_run's first k masks, or k masks spread over its sequence")
+        recipe: Optional[Literal["authors_mnist", "authors_cifar"]] = Field(
+            None, description="one of the authors' recipes; sets the fields it names (see the module doc)")
+
+        @model_validator(mode="after")
+        def _recipe(self):
+            for key, value in RECIPES.get(self.recipe, {}).items():
+                self.__dict__[key] = OptimConfig(**value) if key == "alpha_optim" else value
+            return self
 
         @model_validator(mode="after")
         def _stored_needs_a_run(self):
@@ -77,6 +130,11 @@ class ImpressLearn(SupermaskStrategy):
                 raise ValueError("source: stored needs from_run (a run directory holding the impression masks)")
             if self.slots is not None and len(self.slots) != self.impressions:
                 raise ValueError(f"slots lists {len(self.slots)} masks but impressions={self.impressions}")
+            if self.impression_tasks == "spread" and self.source != "stored":
+                raise ValueError(f"impression_tasks: spread needs source: stored (source {self.source} learns the impressions on the "
+                                 "first tasks, before any later task exists); use first_k or store another run's masks")
+            if self.impression_tasks == "spread" and self.slots is not None:
+                raise ValueError("give slots or impression_tasks: spread, not both")
             return self
 
     def __init__(self, params, ctx):
@@ -103,10 +161,11 @@ class ImpressLearn(SupermaskStrategy):
                 g = self.generator(0, j, 11)
                 self.net.store([torch.rand(layer.weight.shape, generator=g) < self.net.density for layer in self.net.masked_layers()])
         elif p.source == "stored":
-            self.load_impressions(Path(p.from_run), p.slots or list(range(p.impressions)))
+            self.load_impressions(Path(p.from_run), p.slots)
 
-    def load_impressions(self, run_dir: Path, slots: List[int]) -> None:
-        """Append masks ``slots`` of the run in ``run_dir`` to the banks, after checking the backbone is this one."""
+    def load_impressions(self, run_dir: Path, slots: Optional[List[int]]) -> None:
+        """Append masks ``slots`` of the run in ``run_dir`` to the banks (default: as ``impression_tasks`` picks them),
+        after checking the backbone is this one."""
         from ..core.checkpoint import load_checkpoint
 
         path = run_dir / "ckpt" / "last.pt"
@@ -122,9 +181,15 @@ class ImpressLearn(SupermaskStrategy):
             if w is None or bank is None or not torch.equal(w.to(layer.weight.device), layer.weight):
                 raise ConfigError(f"method.from_run: {str(run_dir)!r} was trained on a different backbone (model or seed) "
                                   f"than this run (layer {name})")
-            if int(bank["count"]) <= max(slots):
+            if slots is not None and int(bank["count"]) <= max(slots):
                 raise ConfigError(f"method.slots: {str(run_dir)!r} stores {int(bank['count'])} masks, slot {max(slots)} requested")
             banks.append(bank["packed"])
+        if slots is None:
+            count, k = int(bank["count"]), self.params.impressions
+            if count < k:
+                raise ConfigError(f"method.impressions={k}: {str(run_dir)!r} stores only {count} masks")
+            slots = spread(count, k) if self.params.impression_tasks == "spread" else list(range(k))
+        self.impression_slots = list(slots)
         for s in slots:
             self.net.store([unpack_bits(b[s], layer.bank.numel).view(layer.bank.shape) for b, layer in zip(banks, self.net.masked_layers())])
         # a SupSup run on this very scenario: its mask s is task s's own mask
@@ -135,7 +200,7 @@ class ImpressLearn(SupermaskStrategy):
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def stages(self, t: int) -> List[Stage]:
         p, have = self.params, self.net.num_stored()
-        alpha = lambda j: Stage("alpha", j, p.alpha_optim, p.alpha_epochs or self.cfg.train.epochs, index=j)  # noqa: E731
+        alpha = lambda j: Stage("alpha", j, p.alpha_optim, self.alpha_epochs(j), index=j)  # noqa: E731
         impression = lambda j: Stage("impression", t, self.cfg.optim, self.cfg.train.epochs, index=j)  # noqa: E731
         if p.source == "homogeneous" and t == 0:
             return [impression(j) for j in range(p.impressions)] + [alpha(0)]
@@ -145,6 +210,15 @@ class ImpressLearn(SupermaskStrategy):
                 out += [alpha(j) for j in range(self.seed_count)]
             return out
         return [alpha(t)]
+
+    def alpha_epochs(self, t: int) -> int:
+        p, train = self.params, self.cfg.train
+        if p.alpha_steps is None:
+            return p.alpha_epochs or train.epochs
+        per_epoch = max(1, len(self.scenario[t].train) // train.batch_size)
+        if train.max_steps_per_epoch:
+            per_epoch = min(per_epoch, train.max_steps_per_epoch)
+        return math.ceil(p.alpha_steps / per_epoch)
 
     def begin_stage(self, stage: Stage) -> List[nn.Parameter]:
         self.stage = stage
@@ -180,7 +254,10 @@ class ImpressLearn(SupermaskStrategy):
 
     def end_stage(self, stage: Stage) -> None:
         if stage.name == "impression":
-            self.net.store_scores(list(self.scores))
+            if self.params.mask_ranking == "raw":
+                self.net.store([RawScoreMasks([s], self.net.density).mask(0, None).detach() > 0 for s in self.scores])
+            else:
+                self.net.store_scores(list(self.scores))
             self.scores = nn.ParameterList()
         else:
             t, learned = stage.task, self.alpha.detach().clone()
@@ -209,12 +286,13 @@ class ImpressLearn(SupermaskStrategy):
     # ---- training ------------------------------------------------------------------------------------------
     def training_source(self) -> MaskSource:
         if self.stage.name == "impression":
-            return ScoreMasks(list(self.scores), self.net.density)
+            masks = RawScoreMasks if self.params.mask_ranking == "raw" else ScoreMasks
+            return masks(list(self.scores), self.net.density)
         return Combination(self.alpha)
 
     def regulariser(self) -> Optional[torch.Tensor]:
-        if self.stage.name != "alpha":
-            return None
+        if self.stage.name != "alpha" or not self.params.reg:
+            return None  # reg 0 (authors_mnist): cross-entropy only
         return self.params.reg * alpha_regulariser(self.alpha)
 
     # ---- evaluation ----------------------------------------------------------------------------------------
@@ -247,6 +325,13 @@ class ImpressLearn(SupermaskStrategy):
     def summary(self) -> Dict[str, object]:
         out = super().summary()
         out["impression_bytes"] = self.params.impressions * self.net.mask_bytes()  # shared by every task, paid once
+        p = self.params
+        if p.recipe:
+            out["recipe"] = {"name": p.recipe, **{k: (getattr(p, k).model_dump() if k == "alpha_optim" else getattr(p, k)) for k in RECIPES[p.recipe]}}
+        if p.source == "heterogeneous":
+            out["impression_tasks"] = sorted({j // p.per_task for j in range(p.impressions)})
+        elif p.source == "stored":
+            out["impression_tasks"] = list(getattr(self, "impression_slots", p.slots or []))
         if self.fit_info:
             rows = [self.fit_info[t].tolist() for t in sorted(self.fit_info)]
             out["alpha_fit"] = {"task": sorted(self.fit_info), "start": [int(r[0]) for r in rows], "best_candidate_train_acc": [r[1] for r in rows],

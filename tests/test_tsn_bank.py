@@ -148,7 +148,8 @@ def test_cached_stacks_follow_every_optimiser_step():
     fused = factor_networks(BACKBONES["small_cnn"]).double().train()
     loop = copy.deepcopy(fused)
     loop.fused = False
-    opts = [torch.optim.SGD(n.parameters(), lr=1e-3, momentum=0.9) for n in (fused, loop)]
+    # fused=True: the fused kernels update in place without bumping version counters (the step hook must see them)
+    opts = [torch.optim.SGD(n.parameters(), lr=1e-3, momentum=0.9, fused=f) for n, f in ((fused, True), (loop, False))]
     x, z = torch.randn(16, 1, 8, 8, dtype=torch.float64), torch.randn(16, fused.ckn.feature_dim, dtype=torch.float64)
     cache = None
     for step in range(4):

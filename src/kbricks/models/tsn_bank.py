@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..core.io import first_line
 
@@ -73,19 +74,31 @@ def _spatial_dims(dims, ndim: int) -> bool:
     return all((d % ndim) >= 2 for d in dims)
 
 
+_OPTIMIZER_STEPS = [0]  # every optimiser step in the process; fused optimisers do not bump version counters
+_STEP_HOOK: List[Any] = []
+
+
+def _count_step(*_args) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
 class StackCache:
-    """Stacked parameters reused while their parts are unchanged: an entry holds the parts' identities, storage
-    addresses (``.to()`` / ``.double()`` replace them) and in-place version counters (an optimiser step, ``copy_``
-    or ``load_state_dict`` bump them) and whether it was built with
-    gradients on, so a stack built under ``no_grad`` is never reused where gradients must reach the parts. A stack is a
+    """Stacked parameters reused while their parts are unchanged: an entry is stamped with the number of optimiser
+    steps taken in this process (a global post-step hook counts them: fused optimisers update in place without
+    bumping version counters), the parts' identities, storage addresses (``.to()`` / ``.double()`` replace them) and
+    version counters (``copy_``, ``load_state_dict`` and in-place ops under ``no_grad`` bump them), and whether it was
+    built with gradients on, so a stack built under ``no_grad`` is never reused where gradients must reach the parts.
+    Writing into ``param.data`` in place is not seen: call :meth:`clear` after doing that. A stack is a
     concatenation, whose backward keeps no tensors, so one stack serves several backward passes."""
 
     def __init__(self):
         self.entries: Dict[Any, Tuple[Tuple, bool, torch.Tensor]] = {}
         self.hits = self.misses = 0
+        if not _STEP_HOOK:
+            _STEP_HOOK.append(register_optimizer_step_post_hook(_count_step))
 
     def get(self, key: Any, parts: Sequence[torch.Tensor], build: Callable[[], torch.Tensor]) -> torch.Tensor:
-        stamp = tuple((id(p), p.data_ptr(), p._version) for p in parts)
+        stamp = (_OPTIMIZER_STEPS[0], *((id(p), p.data_ptr(), p._version) for p in parts))
         grad = torch.is_grad_enabled()
         entry = self.entries.get(key)
         if entry is not None and entry[1] == grad and entry[0] == stamp:

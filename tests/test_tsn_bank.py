@@ -140,3 +140,57 @@ def test_unsupported_backbones_run_task_by_task_and_say_why(backbone, why):
         torch.testing.assert_close(a, b)
     if backbone is DropoutNet:  # in eval mode dropout is the identity: fused again
         assert net.eval().fusion.startswith("fused")
+
+
+def test_cached_stacks_follow_every_optimiser_step():
+    # the bank reuses stacked weights between steps; after each SGD step it must see the new weights, and the
+    # gradients must keep reaching every task's own parameters, exactly as the loop's
+    fused = factor_networks(BACKBONES["small_cnn"]).double().train()
+    loop = copy.deepcopy(fused)
+    loop.fused = False
+    # fused=True: the fused kernels update in place without bumping version counters (the step hook must see them)
+    opts = [torch.optim.SGD(n.parameters(), lr=1e-3, momentum=0.9, fused=f) for n, f in ((fused, True), (loop, False))]
+    x, z = torch.randn(16, 1, 8, 8, dtype=torch.float64), torch.randn(16, fused.ckn.feature_dim, dtype=torch.float64)
+    cache = None
+    for step in range(4):
+        out_f, grad_f = outputs_and_grads(fused, x, z, True, seed=step)
+        out_l, grad_l = outputs_and_grads(loop, x, z, True, seed=step)
+        for a, b in zip(out_f[0], out_l[0]):
+            torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-7)
+        assert grad_f.keys() == grad_l.keys() and len(grad_f) == len(list(fused.tsns.parameters()))
+        for k in grad_f:
+            scale = grad_l[k].abs().max().clamp_min(1.0)
+            assert (grad_f[k] - grad_l[k]).abs().max() <= 1e-7 * scale, (step, k, (grad_f[k] - grad_l[k]).abs().max())
+        cache = fused.bank().backbones.cache
+        misses = cache.misses
+        for opt in opts:
+            opt.step()
+    # a second forward between two steps stacks nothing and still back-propagates (twice through one stack)
+    hits, misses = cache.hits, cache.misses
+    outputs_and_grads(fused, x, z, False)
+    assert cache.misses - misses == len(cache.entries) and cache.hits == hits
+    _, grads = outputs_and_grads(fused, x, z, False)
+    _, again = outputs_and_grads(fused, x, z, False)
+    assert cache.misses - misses == len(cache.entries) and cache.hits - hits == 2 * len(cache.entries)
+    for k in grads:
+        assert grads[k].isfinite().all(), k
+        torch.testing.assert_close(grads[k], again[k])
+
+
+def test_cached_stacks_follow_loaded_weights_dtype_and_grad_mode():
+    net = factor_networks(BACKBONES["small_cnn"]).eval()
+    other = factor_networks(BACKBONES["small_cnn"]).eval()
+    for p in other.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        net(x)
+        net.load_state_dict(other.state_dict())  # copies in place: version counters move
+        for a, b in zip(net(x), other(x)):
+            torch.testing.assert_close(a, b)
+        double = net.double()(x.double())  # new storage: a float32 stack must not be reused
+    assert double[0].dtype == torch.float64
+    # a stack built under no_grad carries no graph: with gradients on, it is rebuilt and gradients arrive
+    net.zero_grad()
+    sum(o.sum() for o in net(x.double())).backward()
+    assert all(t.backbone.body[0][0].weight.grad is not None for t in net.tsns)

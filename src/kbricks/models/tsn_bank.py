@@ -1,8 +1,10 @@
 """A fused bank of task-specific networks: T networks of one architecture run as one computation.
 
 The per-task modules stay the source of truth (a brick is one task's ``state_dict``, checkpoints are unchanged);
-each call stacks their parameters on the fly (a few small concatenations, differentiable, so gradients reach every
-task's own parameters) and runs the T backbones on **channel-stacked** tensors: task t owns channels
+their parameters are stacked by differentiable concatenations (gradients reach every task's own parameters), and a
+stacked weight is reused while none of its parts changed (:class:`StackCache`, keyed on the parameters' in-place
+version counters: an optimiser step or ``load_state_dict`` invalidates it), so repeated calls between optimiser
+steps (evaluation, several forwards per step) stack nothing. The bank runs the T backbones on **channel-stacked** tensors: task t owns channels
 ``t*C .. (t+1)*C - 1`` of every activation. In that layout
 
 * a convolution is one grouped convolution (``groups = T * groups``; the first one, on the shared input, one
@@ -25,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..core.io import first_line
 
@@ -71,19 +74,73 @@ def _spatial_dims(dims, ndim: int) -> bool:
     return all((d % ndim) >= 2 for d in dims)
 
 
+_OPTIMIZER_STEPS = [0]  # every optimiser step in the process; fused optimisers do not bump version counters
+_STEP_HOOK: List[Any] = []
+
+
+def _count_step(*_args) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+class StackCache:
+    """Stacked parameters reused while their parts are unchanged: an entry is stamped with the number of optimiser
+    steps taken in this process (a global post-step hook counts them: fused optimisers update in place without
+    bumping version counters), the parts' identities, storage addresses (``.to()`` / ``.double()`` replace them) and
+    version counters (``copy_``, ``load_state_dict`` and in-place ops under ``no_grad`` bump them), and whether it was
+    built with gradients on, so a stack built under ``no_grad`` is never reused where gradients must reach the parts.
+    Writing into ``param.data`` in place is not seen: call :meth:`clear` after doing that. A stack is a
+    concatenation, whose backward keeps no tensors, so one stack serves several backward passes."""
+
+    def __init__(self):
+        self.entries: Dict[Any, Tuple[Tuple, bool, torch.Tensor]] = {}
+        self.hits = self.misses = 0
+        if not _STEP_HOOK:
+            _STEP_HOOK.append(register_optimizer_step_post_hook(_count_step))
+
+    def get(self, key: Any, parts: Sequence[torch.Tensor], build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        stamp = (_OPTIMIZER_STEPS[0], *((id(p), p.data_ptr(), p._version) for p in parts))
+        grad = torch.is_grad_enabled()
+        entry = self.entries.get(key)
+        if entry is not None and entry[1] == grad and entry[0] == stamp:
+            self.hits += 1
+            return entry[2]
+        self.misses += 1
+        value = build()
+        self.entries[key] = (stamp, grad, value)
+        return value
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
 class FusedBackbones:
     """``features`` of T backbones of one architecture as one computation over channel-stacked tensors."""
 
     def __init__(self, backbones: Sequence[nn.Module]):
         self.backbones = list(backbones)  # only while checking; each call gets the current modules
         self.graph = fx.symbolic_trace(_Features(self.backbones[0])).graph
+        self.nodes = list(self.graph.nodes)  # walked on every call: listed once
+        self.cache = StackCache()
+        self._bound: Tuple[Tuple[int, ...], Dict[str, List[nn.Module]]] = ((), {})
         self._check()
         self.backbones = []
 
     # ---- checks made once ------------------------------------------------------------------------------
     def _modules(self, target: str) -> List[nn.Module]:
+        mods = self._bound[1].get(target)
+        if mods is not None:
+            return mods
         name = target[len("net."):] if target.startswith("net.") else target
         return [b.get_submodule(name) if name != "net" else b for b in self.backbones]
+
+    def _bind(self, backbones: Sequence[nn.Module]) -> None:
+        """Each layer's per-task modules, looked up once per set of backbones (not on every call)."""
+        self.backbones = list(backbones)
+        ids = tuple(id(b) for b in backbones)
+        if self._bound[0] != ids:
+            self._bound = ((), {})
+            self._bound = (ids, {n.target: self._modules(n.target) for n in self.nodes if n.op == "call_module"})
+            self.cache.clear()
 
     def _check(self) -> None:
         self.dropouts: List[str] = []
@@ -113,7 +170,9 @@ class FusedBackbones:
     # ---- the computation -------------------------------------------------------------------------------
     def why_not(self, backbones: Sequence[nn.Module]) -> Optional[str]:
         """Why these backbones cannot run fused right now (dropout draws its random numbers task by task)."""
-        self.backbones = list(backbones)
+        if not self.dropouts:
+            return None
+        self._bind(backbones)
         try:
             active = [t for t in self.dropouts if self._modules(t)[0].training]
         finally:
@@ -122,7 +181,7 @@ class FusedBackbones:
 
     def __call__(self, backbones: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
         """[B, ...] -> features of every task, [T, B, D]."""
-        self.backbones = list(backbones)
+        self._bind(backbones)
         try:
             return self._run(x)
         finally:
@@ -137,7 +196,7 @@ class FusedBackbones:
             return fx.node.map_arg(a, lambda n: env[n])
 
         out = None
-        for node in self.graph.nodes:
+        for node in self.nodes:
             if node.op == "placeholder":
                 env[node] = _Stacked(x, False)
             elif node.op == "call_module":
@@ -171,8 +230,8 @@ class FusedBackbones:
             raise Unsupported(f"{node.target} takes more than one tensor")
         if isinstance(m, (nn.Conv1d, nn.Conv2d)):
             conv = F.conv2d if isinstance(m, nn.Conv2d) else F.conv1d
-            w = torch.cat([c.weight for c in mods])
-            b = torch.cat([c.bias for c in mods]) if m.bias is not None else None
+            w = self._stacked(node.target, "weight", mods, torch.cat)
+            b = self._stacked(node.target, "bias", mods, torch.cat) if m.bias is not None else None
             if not v.stacked and m.groups == 1:
                 out = conv(v.tensor, w, b, m.stride, m.padding, m.dilation, 1)
             else:
@@ -181,16 +240,21 @@ class FusedBackbones:
                 out = out.contiguous(memory_format=torch.channels_last)
             return _Stacked(out, True)
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            return _Stacked(self._batch_norm(mods, self._stack(v), post), True)
+            return _Stacked(self._batch_norm(node.target, mods, self._stack(v), post), True)
         if isinstance(m, nn.Linear):
-            return _Stacked(self._linear(mods, v), True)
+            return _Stacked(self._linear(node.target, mods, v), True)
         if isinstance(m, nn.Dropout):
             if m.training and m.p > 0:
                 raise Unsupported(f"{node.target}: dropout while training draws its random numbers task by task")
             return v  # the identity at evaluation
         return _Stacked(m(v.tensor), v.stacked)  # per channel / element-wise, or flatten(1)
 
-    def _batch_norm(self, mods: Sequence[nn.Module], h: torch.Tensor, post: List[Callable[[], None]]) -> torch.Tensor:
+    def _stacked(self, target: str, name: str, mods: Sequence[nn.Module], join: Callable) -> torch.Tensor:
+        """``join`` (cat or stack) of every task's parameter ``name`` of layer ``target``, cached while unchanged."""
+        parts = [getattr(m, name) for m in mods]
+        return self.cache.get((target, name, join), parts, lambda: join(parts))
+
+    def _batch_norm(self, target: str, mods: Sequence[nn.Module], h: torch.Tensor, post: List[Callable[[], None]]) -> torch.Tensor:
         """``_BatchNorm.forward`` over T*C channels; updated running statistics go back to every task's module."""
         m = mods[0]
         factor = 0.0 if m.momentum is None else m.momentum
@@ -203,8 +267,9 @@ class FusedBackbones:
         keep = m.running_mean is not None and (not m.training or m.track_running_stats)
         rm = torch.cat([bn.running_mean for bn in mods]) if keep else None
         rv = torch.cat([bn.running_var for bn in mods]) if keep else None
-        weight = torch.cat([bn.weight for bn in mods]) if m.weight is not None else None
-        bias = torch.cat([bn.bias for bn in mods]) if m.bias is not None else None
+        # the running statistics are fresh copies: batch_norm updates them in place before they are written back
+        weight = self._stacked(target, "weight", mods, torch.cat) if m.weight is not None else None
+        bias = self._stacked(target, "bias", mods, torch.cat) if m.bias is not None else None
         out = F.batch_norm(h, rm, rv, weight, bias, use_batch, factor, m.eps)
         if keep and use_batch:
             def write_back():
@@ -215,12 +280,12 @@ class FusedBackbones:
             post.append(write_back)
         return out
 
-    def _linear(self, mods: Sequence[nn.Linear], v: _Stacked) -> torch.Tensor:
+    def _linear(self, target: str, mods: Sequence[nn.Linear], v: _Stacked) -> torch.Tensor:
         T = len(mods)
         if v.tensor.dim() != 2:
             raise Unsupported("a linear layer on a tensor that is not [B, features]")
-        w = torch.stack([m.weight for m in mods])  # [T, out, in]
-        b = torch.stack([m.bias for m in mods]) if mods[0].bias is not None else None
+        w = self._stacked(target, "weight", mods, torch.stack)  # [T, out, in]
+        b = self._stacked(target, "bias", mods, torch.stack) if mods[0].bias is not None else None
         if not v.stacked:
             out = F.linear(v.tensor, w.flatten(0, 1), b.flatten() if b is not None else None)
             return out
@@ -287,19 +352,28 @@ class FusedBackbones:
         return _Stacked(joined.flatten(1, 2), True)
 
 
-def stacked_linear(mods: Sequence[nn.Linear], h: torch.Tensor) -> torch.Tensor:
+def stacked_linear(mods: Sequence[nn.Linear], h: torch.Tensor, cache: Optional[StackCache] = None, key: str = "") -> torch.Tensor:
     """T linear layers of one shape on [T, B, in] -> [T, B, out]."""
-    w = torch.stack([m.weight for m in mods])
-    b = torch.stack([m.bias for m in mods])
+    ws, bs = [m.weight for m in mods], [m.bias for m in mods]
+    w = cache.get((key, "weight"), ws, lambda: torch.stack(ws)) if cache is not None else torch.stack(ws)
+    b = cache.get((key, "bias"), bs, lambda: torch.stack(bs)) if cache is not None else torch.stack(bs)
     return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
 
 
-def padded_linear(mods: Sequence[nn.Linear], h: torch.Tensor) -> torch.Tensor:
+def padded_linear(mods: Sequence[nn.Linear], h: torch.Tensor, cache: Optional[StackCache] = None, key: str = "") -> torch.Tensor:
     """T linear layers whose output sizes may differ, on [T, B, in] -> [T, B, max out] (rows beyond a layer's
     own size are zero and carry no gradient)."""
     width = max(m.out_features for m in mods)
-    w = torch.stack([F.pad(m.weight, (0, 0, 0, width - m.out_features)) for m in mods])
-    b = torch.stack([F.pad(m.bias, (0, width - m.out_features)) for m in mods])
+    ws, bs = [m.weight for m in mods], [m.bias for m in mods]
+
+    def weight():
+        return torch.stack([F.pad(w, (0, 0, 0, width - w.shape[0])) for w in ws])
+
+    def bias():
+        return torch.stack([F.pad(b, (0, width - b.shape[0])) for b in bs])
+
+    w = cache.get((key, "weight"), ws, weight) if cache is not None else weight()
+    b = cache.get((key, "bias"), bs, bias) if cache is not None else bias()
     return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
 
 
@@ -353,8 +427,9 @@ class FusedTSNs:
     def _run(self, tsns: Sequence[nn.Module], x: torch.Tensor, z_c: torch.Tensor, sample: bool):
         T = len(tsns)
         h = self.backbones([t.backbone for t in tsns], x)  # [T, B, F]
-        mu = stacked_linear([t.mu for t in tsns], h)
-        logvar = stacked_linear([t.logvar for t in tsns], h).clamp(-10.0, 10.0)
+        cache = self.backbones.cache  # cleared when the backbones (hence the TSNs) change
+        mu = stacked_linear([t.mu for t in tsns], h, cache, "mu")
+        logvar = stacked_linear([t.logvar for t in tsns], h, cache, "logvar").clamp(-10.0, 10.0)
         if sample:  # drawn task by task, in the loop's order
             eps = torch.stack([torch.randn_like(mu[i]) for i in range(T)])
             z = mu + eps * (0.5 * logvar).exp()
@@ -362,8 +437,8 @@ class FusedTSNs:
             z = mu
         zc = z_c.unsqueeze(0).expand(T, *z_c.shape)
         joint = torch.cat([zc, z], 2) if tsns[0].combine == "concat" else zc + z
-        logits = padded_linear([t.head for t in tsns], joint)
-        alone = padded_linear([t.task_head for t in tsns], z)
+        logits = padded_linear([t.head for t in tsns], joint, cache, "head")
+        alone = padded_linear([t.task_head for t in tsns], z, cache, "task_head")
         sizes = [t.head.out_features for t in tsns]
         return ([logits[i, :, :n] for i, n in enumerate(sizes)], list(mu.unbind(0)), list(logvar.unbind(0)),
                 [alone[i, :, :n] for i, n in enumerate(sizes)])

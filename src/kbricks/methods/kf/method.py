@@ -34,7 +34,7 @@ from ...core.hooks import Hook
 from ...errors import ConfigError
 from ...models import create_model
 from ...models.factorized import FactorNetworks, TaskSpecificNetwork, combined_class_scores, task_output_size
-from ...models.frozen import task_logits
+from ...models.frozen import FrozenNetwork, task_logits
 from ...models.spec import NetworkSpec
 from ...models.taps import FeatureTap
 from .._teacher import TEACHER_HELP, load_teacher
@@ -62,17 +62,19 @@ def infomax_bound(u: torch.Tensor, v: torch.Tensor, bound: str = "official") -> 
     masked to its diagonal) and marginal = mean over all B^2 entries of exp(S masked off the diagonal), the diagonal
     contributing exp(0) = 1 each. ``dv``: the textbook bound, joint = trace(S) / B, marginal = mean of exp(S) over
     the B(B-1) off-diagonal pairs. Loss = -(joint - log marginal)."""
+    if bound not in ("official", "dv"):
+        raise ValueError(f"unknown InfoMax bound {bound!r} (official or dv)")
     s = F.normalize(u, dim=1, eps=1e-10) @ F.normalize(v, dim=1, eps=1e-10).t()
     b = s.shape[0]
-    eye = torch.eye(b, dtype=torch.bool, device=s.device)
+    diagonal = s.diagonal()
+    # sums without a B x B mask: the off-diagonal sum of exp(S) is the full sum less the diagonal's (|S| <= 1)
+    off_diagonal = s.exp().sum() - diagonal.exp().sum()
     if bound == "official":
-        joint = s.diagonal().sum() / (b * b)
-        marginal = torch.where(eye, torch.ones_like(s), s.exp()).mean()
-    elif bound == "dv":
-        joint = s.diagonal().mean()
-        marginal = s.masked_select(~eye).exp().mean()
+        joint = diagonal.sum() / (b * b)
+        marginal = (off_diagonal + b) / (b * b)
     else:
-        raise ValueError(f"unknown InfoMax bound {bound!r} (official or dv)")
+        joint = diagonal.mean()
+        marginal = off_diagonal / (b * (b - 1))
     return -(joint - marginal.log())
 
 
@@ -101,11 +103,23 @@ def effective_label_smoothing(eps: float, form: str = "torch") -> float:
 def merge_other(logits: torch.Tensor, classes: Sequence[int], temperature: float) -> torch.Tensor:
     """Logits over [classes..., other] whose tempered softmax equals the full tempered softmax with the
     non-task classes' probability merged into 'other'."""
-    keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
-    keep[list(classes)] = True
-    inside = logits[:, list(classes)]
-    other = temperature * torch.logsumexp(logits[:, ~keep] / temperature, dim=1, keepdim=True)
-    return torch.cat([inside, other], dim=1)
+    inside, outside = _class_split(tuple(classes), logits.shape[1], logits.device)
+    other = temperature * torch.logsumexp(logits.index_select(1, outside) / temperature, dim=1, keepdim=True)
+    return torch.cat([logits.index_select(1, inside), other], dim=1)
+
+
+_SPLITS: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _class_split(classes: Tuple[int, ...], num_classes: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors of a task's classes and of the other classes, built once per (classes, width, device)."""
+    key = (classes, num_classes, device)
+    split = _SPLITS.get(key)
+    if split is None:
+        keep = torch.zeros(num_classes, dtype=torch.bool)
+        keep[list(classes)] = True
+        split = _SPLITS[key] = (torch.tensor(classes, dtype=torch.long, device=device), (~keep).nonzero().squeeze(1).to(device))
+    return split
 
 
 def imb_loss(
@@ -289,6 +303,24 @@ class KnowledgeFactorization(Method):
             return self.teacher_tap.take(), self.ckn_tap.take()
         return [self.teacher.features(x)], [self.factors.ckn.features(x) if z_c is None else z_c]
 
+    def _teacher_forward(self, x: torch.Tensor):
+        """The frozen teacher's outputs; its input adapter is skipped while it maps inputs to themselves (the teacher
+        trained on the same normalisation), which it re-checks only when its statistics change."""
+        teacher = self.teacher
+        if type(teacher).forward is not FrozenNetwork.forward:
+            return teacher(x)
+        a = teacher.adapter
+        stamp = (id(a), a.spec, *((b.data_ptr(), b._version) for b in a.buffers()))
+        if getattr(self, "_adapter_stamp", None) != stamp:
+            spec = a.spec
+            self._adapter_identity = (spec.channels is None and spec.size is None and spec.shape is None
+                                      and torch.equal(a.data_mean, a.net_mean) and torch.equal(a.data_std, a.net_std))
+            self._adapter_stamp = stamp
+        if not self._adapter_identity:
+            return teacher(x)
+        with torch.no_grad():
+            return teacher.net(x)
+
     def _tapping(self) -> ExitStack:
         """The matched-layer taps (if any) watching the forward passes run inside this context."""
         stack = ExitStack()
@@ -308,7 +340,10 @@ class KnowledgeFactorization(Method):
         for t in self.tasks:
             logits = task_logits(out, t, self.teacher.task_names) if t.latent is not None else out
             if t.classes is not None:
-                logits = merge_other(logits, t.classes, self.params.temperature) if task_output_size(t, self.num_classes) > t.num_classes else logits[:, list(t.classes)]
+                if task_output_size(t, self.num_classes) > t.num_classes:
+                    logits = merge_other(logits, t.classes, self.params.temperature)
+                else:
+                    logits = logits.index_select(1, _class_split(tuple(t.classes), logits.shape[1], logits.device)[0])
             targets.append(logits)
         return targets
 
@@ -333,7 +368,7 @@ class KnowledgeFactorization(Method):
         two_views = p.infomax_weight > 0 and p.infomax == "views"
         with self._tapping():
             z_all = self.factors.ckn.features(torch.cat([x, self.second_view(batch)]) if two_views else x)
-            teacher_out = self.teacher(x)
+            teacher_out = self._teacher_forward(x)
         z_c = z_all[:n]
         # batch bottleneck: deterministic codes (the official TSN); vib: z_t sampled by reparameterisation
         logits, mus, logvars, task_only = self.factors.tsn_outputs(x, z_c, sample=p.bottleneck == "vib")

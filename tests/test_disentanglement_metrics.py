@@ -7,7 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kbricks.methods.kf.analysis import dci, dci_from_importance, mutual_info_gap, sap
+from kbricks.methods.kf.analysis import (
+    DCI_QUICK,
+    DCI_REFERENCE,
+    dci,
+    dci_budget,
+    dci_from_importance,
+    mutual_info_gap,
+    representation_metrics,
+    sap,
+)
 from kbricks.methods.kf.method import effective_label_smoothing
 
 sklearn_ensemble = pytest.importorskip("sklearn.ensemble")
@@ -81,12 +90,12 @@ def test_dci_importance_is_normalised_per_factor():
     assert dci_from_importance(r)["dci_c"] == pytest.approx(1 - h3)
 
 
-def reference_dci(train_codes, train_factors, test_codes, test_factors, seed=0):
+def reference_dci(train_codes, train_factors, test_codes, test_factors, seed=0, n_estimators=100):
     """disentanglement_lib's computation, written independently: GBT importances per factor (they sum to 1),
     D = sum_code rho * (1 - H_K(row)), C = sum_factor weight * (1 - H_D(column)), I = test accuracy."""
     importance, accuracy = [], []
     for k in range(train_factors.shape[1]):
-        model = sklearn_ensemble.GradientBoostingClassifier(random_state=seed).fit(train_codes, train_factors[:, k])
+        model = sklearn_ensemble.GradientBoostingClassifier(n_estimators=n_estimators, random_state=seed).fit(train_codes, train_factors[:, k])
         importance.append(np.abs(model.feature_importances_))
         accuracy.append(np.mean(model.predict(test_codes) == test_factors[:, k]))
     r = np.stack(importance, 1)  # [codes, factors]
@@ -206,3 +215,81 @@ def test_official_ablation_uses_the_official_form():
     assert overrides["method.label_smoothing"] == "0.1"
     assert overrides["method.label_smoothing_form"] == "classy_vision"
     assert "classy_vision" in str(KnowledgeFactorization.Config.model_fields["label_smoothing_form"].annotation)
+
+
+# ---- the quick budget (kbricks reproduce --quick) ---------------------------------------------------------------
+
+
+def quick_dci(codes, factors):
+    """DCI at the quick studies' budget on twice as many training codes as it keeps (so the subsample is exercised)."""
+    half = len(codes) // 2
+    assert half > DCI_QUICK.max_train
+    return dci(codes[:half], factors[:half], codes[half:], factors[half:], max_train=DCI_QUICK.max_train,
+               n_estimators=DCI_QUICK.n_estimators)
+
+
+def test_quick_budget_keeps_the_known_answers():
+    assert DCI_QUICK.n_estimators < DCI_REFERENCE.n_estimators and DCI_QUICK.max_train < DCI_REFERENCE.max_train
+    n = 2 * DCI_QUICK.max_train + 400
+    f = uniform_factors((3, 5, 4), n=n, seed=8)
+    identity = quick_dci(f.astype(float), f)
+    assert identity["dci_d"] > 0.97 and identity["dci_c"] > 0.97
+    assert identity["dci_i"] == pytest.approx(1.0)
+    f2 = uniform_factors((2, 10), n=n, seed=9)
+    mixed = quick_dci(mix45(f2[:, 0].astype(float), f2[:, 1].astype(float)), f2)
+    assert mixed["dci_d"] < 0.1
+    noise = quick_dci(np.random.default_rng(10).standard_normal((n, 4)), f2)
+    assert noise["dci_d"] < 0.15 and noise["dci_i"] < 0.55
+    # partly mixed codes land between: factor 0 alone, factors 1 and 2 rotated by 30 degrees
+    z = (f - f.mean(0)) / f.std(0)
+    partial = quick_dci(np.stack([z[:, 0], 0.87 * z[:, 1] + 0.5 * z[:, 2], -0.5 * z[:, 1] + 0.87 * z[:, 2]], 1), f)
+    assert mixed["dci_d"] < partial["dci_d"] < identity["dci_d"]
+
+
+def test_quick_budget_is_the_reference_estimator_with_fewer_rounds_and_codes():
+    # same sklearn estimator and definitions: at max_train=None the quick rounds equal the reference computation
+    # with n_estimators set the same way
+    rng = np.random.default_rng(11)
+    f = uniform_factors((3, 4), n=600, seed=11)
+    codes = np.concatenate([f + 0.4 * rng.standard_normal(f.shape), rng.standard_normal((600, 1))], 1)
+    tr_c, tr_f, te_c, te_f = split(codes, f)
+    ours = dci(tr_c, tr_f, te_c, te_f, max_train=None, n_estimators=DCI_QUICK.n_estimators)
+    ref = reference_dci(tr_c, tr_f, te_c, te_f, n_estimators=DCI_QUICK.n_estimators)
+    for key in ("dci_d", "dci_c", "dci_i"):
+        assert ours[key] == pytest.approx(ref[key], abs=1e-6), key
+
+
+def test_representation_metrics_record_the_budget_they_ran_at():
+    f = uniform_factors((3, 4), n=1400, seed=12)
+    codes = torch.from_numpy(f.astype(np.float32))
+    t = torch.from_numpy(f)
+    full = representation_metrics(codes[:1200], t[:1200], codes[1200:], t[1200:])
+    assert (full["dci_train"], full["dci_trees"]) == (DCI_REFERENCE.max_train, DCI_REFERENCE.n_estimators)
+    with dci_budget(DCI_QUICK):
+        quick = representation_metrics(codes[:1200], t[:1200], codes[1200:], t[1200:])
+        small = representation_metrics(codes[:300], t[:300], codes[1200:], t[1200:])
+    assert (quick["dci_train"], quick["dci_trees"]) == (DCI_QUICK.max_train, DCI_QUICK.n_estimators)
+    assert small["dci_train"] == 300  # fewer codes than the budget: all of them
+    assert quick["dci_d"] > 0.97 and full["dci_d"] > 0.97
+    assert representation_metrics(codes[:300], t[:300], codes[1200:], t[1200:])["dci_trees"] == DCI_REFERENCE.n_estimators
+
+
+def test_quick_representation_table_states_its_dci_budget():
+    from kbricks.studies.kf import representation_table
+
+    f = uniform_factors((3, 4), n=700, seed=13)
+    codes, t = torch.from_numpy(f.astype(np.float32)), torch.from_numpy(f)
+    with dci_budget(DCI_QUICK):
+        m = representation_metrics(codes[:600], t[:600], codes[600:], t[600:])
+    report = {f"rep/kf_codes/{k}": v for k, v in m.items()}
+    lines = representation_table([report])
+    assert any(line.startswith("| KF task codes") for line in lines)
+    assert f"{DCI_QUICK.n_estimators} boosting rounds on 500 training codes" in lines[-1]
+    report.update({"rep/kf_codes/dci_trees": 100.0, "rep/kf_codes/dci_train": 600.0})
+    assert "quick budget" not in "\n".join(representation_table([report]))
+
+
+def test_dci_refuses_an_empty_budget():
+    f = uniform_factors((3, 4))
+    with pytest.raises(Exception, match="n_estimators >= 1"):
+        dci(*split(f.astype(float), f), n_estimators=0)

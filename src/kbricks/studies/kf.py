@@ -29,7 +29,7 @@ from ..engine.experiment import load_config, load_data
 from ..engine.sweep import train_or_reuse
 from ..errors import ConfigError
 from ..methods.kf import KnowledgeFactorization
-from ..methods.kf.analysis import DCI_MARKER
+from ..methods.kf.analysis import DCI_MARKER, DCI_QUICK, DCI_REFERENCE, DCIBudget, current_dci_budget, dci_budget
 from .common import configs_root, read_study, write_study
 from .verdicts import Claim, Verdict, grade
 
@@ -84,16 +84,25 @@ def _kf_paths(dataset: str, configs: Optional[Path]) -> Tuple[Path, Path, Path]:
     return tuple(root / p for p in KF_STUDIES[dataset])  # type: ignore[return-value]
 
 
+def _report_dci_budget(report: Dict[str, Any]) -> DCIBudget:
+    """The DCI budget a saved report was computed at (reports from before budgets were recorded: the reference)."""
+    b = report.get("dci_budget")
+    return DCIBudget(b["max_train"], b["n_estimators"]) if b else DCI_REFERENCE
+
+
 def kf_report_of(run_dir: Path, baseline: Optional[Path] = None) -> Dict[str, Any]:
-    """The KF report of a finished run (computed once, then read back from ``kf_report.json``)."""
+    """The KF report of a finished run (computed once, then read back from ``kf_report.json``), at the current
+    :func:`dci_budget`: a saved report of another DCI budget is computed again."""
     path = Path(run_dir) / "kf_report.json"
+    budget = current_dci_budget()
     if path.exists():
         report = json.loads(path.read_text())
         same_baseline = baseline is None or report.get("baseline") == str(baseline)  # a report with a baseline has everything
-        if same_baseline and "assembled_max_abs_diff" in report:
+        if same_baseline and "assembled_max_abs_diff" in report and _report_dci_budget(report) == budget:
             return report
     report = evaluate_run(run_dir, baseline=baseline)
     report["baseline"] = str(baseline) if baseline else None
+    report["dci_budget"] = {"max_train": budget.max_train, "n_estimators": budget.n_estimators}
     path.write_text(json.dumps(report, indent=2))
     return report
 
@@ -113,6 +122,7 @@ def run_kf_study(dataset: str, seeds: Sequence[int], out: Path, quick: bool = Fa
         raise ConfigError(f"unknown KF study {dataset!r}; valid: {', '.join(KF_STUDY_NAMES)}")
     teacher_cfg, kf_cfg, kd_cfg = _kf_paths(dataset, configs)
     quick_over = KF_QUICK[dataset] if quick else []
+    budget = DCI_QUICK if quick else DCI_REFERENCE
     out = Path(out) / "kf" / dataset
     reports: List[Dict[str, Any]] = []
     t0 = time.time()
@@ -124,9 +134,11 @@ def run_kf_study(dataset: str, seeds: Sequence[int], out: Path, quick: bool = Fa
         train_or_reuse(kf_cfg, out / f"kf-seed{seed}", seed_over + teach)
         train_or_reuse(kd_cfg, out / f"kd-seed{seed}", seed_over + teach)
         if dist.is_main_process():
-            reports.append(_numeric(kf_report_of(out / f"kf-seed{seed}", baseline=out / f"kd-seed{seed}")))
+            with dci_budget(budget):
+                reports.append(_numeric(kf_report_of(out / f"kf-seed{seed}", baseline=out / f"kd-seed{seed}")))
             log(f"[kf:{dataset}] seed {seed}: teacher {reports[-1]['teacher/acc']:.4f} assembled {reports[-1]['assembled/acc']:.4f}")
     summary = {"study": f"kf-{dataset}", "seeds": list(seeds), "quick": quick, "minutes": round((time.time() - t0) / 60, 2),
+               "dci_budget": {"max_train": budget.max_train, "n_estimators": budget.n_estimators},
                "metrics": summarize_runs(reports) if reports else {}}
     if dist.is_main_process():
         write_study(out / "study.json", {"summary": summary, "reports": reports})
@@ -429,6 +441,13 @@ def representation_table(reports: List[Dict[str, Any]]) -> List[str]:
         cells += [fmt(m.get(f"rep/{key}/dci_i")) if dci_ok else "—", fmt(m.get(f"rep/{key}/sap"), 1, 3)]
         cells += [fmt(m.get(f"transfer/{key}/{h}")) for h in held]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    trees = {r.get("rep/kf_codes/dci_trees", DCI_REFERENCE.n_estimators) for r in reports}
+    codes = {r.get("rep/kf_codes/dci_train") for r in reports} - {None}
+    if trees != {DCI_REFERENCE.n_estimators}:  # a quick budget: say so next to the numbers
+        lines += ["", f"DCI at the quick budget: gradient-boosted trees with {'/'.join(f'{t:.0f}' for t in sorted(trees))} "
+                      f"boosting rounds on {'/'.join(f'{c:.0f}' for c in sorted(codes))} training codes (reference: "
+                      f"{DCI_REFERENCE.n_estimators} rounds on up to {DCI_REFERENCE.max_train}); same estimator and "
+                      "definitions, D reads a little higher (fewer rounds concentrate the importances)."]
     return lines
 
 

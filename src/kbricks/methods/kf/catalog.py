@@ -314,11 +314,11 @@ class Selection:
 
 
 def _compatible_tsns(ckn: BrickInfo, catalog: Catalog) -> List[BrickInfo]:
-    """Class-partition TSNs that assembly would accept with ``ckn``, one per fingerprint (copies: the first path)."""
+    """Class-partition TSNs that assembly would accept with ``ckn``, one per fingerprint (copies: the first path). The
+    label space may differ: a brick made later (``kf_extend``) may add classes, and assembly covers the largest."""
     out: Dict[str, BrickInfo] = {}
     for t in sorted(catalog.tsns_of(ckn.fingerprint), key=lambda b: str(b.path)):
-        if (t.classes and t.ckn_architecture == ckn.architecture and t.normalize == ckn.normalize
-                and t.num_classes_total == ckn.num_classes_total):
+        if t.classes and t.ckn_architecture == ckn.architecture and t.normalize == ckn.normalize:
             out.setdefault(t.fingerprint, t)
     return list(out.values())
 

@@ -213,3 +213,11 @@ def test_assemble_by_classes_takes_a_later_brick_that_grows_the_label_space(tmp_
     by_hand = kbricks.assemble(old.bricks["ckn"], [old.bricks["classes_0-1"], old.bricks["classes_2-3"], new.bricks["classes_4-5"]])
     assert torch.equal(net(x), by_hand(x))
     assert [m.brick.task for m in cat.search(classes=["car"])] == ["classes_4-5"]
+
+    # a later brick that gives a class name another id: asking by that name is ambiguous, in one line; ids still work
+    other_names = ["x0", "x1", "x2", "x3", "cat", "car"]
+    kbricks.extend(old.bricks["ckn"], new_teacher, (x, y), teacher_classes=[4, 5], tasks=[[4, 5]], classes=other_names, epochs=1,
+                   tsn=tsn, options={"tsn_dim": 4}, run_dir=tmp_path / "store/renamed", progress="off")
+    with pytest.raises(BrickMismatchError, match=r"class name 'cat' names classes \[0, 4\] .*ask for it by id"):
+        choose(tmp_path / "store", ["cat"])
+    assert choose(tmp_path / "store", ["0", "dog"]).requested == {"0": 0, "dog": 1}

@@ -274,16 +274,20 @@ def parse_classes(classes: Union[str, int, Sequence[Any]]) -> List[str]:
 def resolve_classes(tokens: Sequence[str], members: Sequence[BrickInfo]) -> Dict[str, Optional[int]]:
     """Each token's class id in the label space of one CKN's bricks: a class name of those bricks, else a whole
     number read as an id; None when it is neither."""
-    by_name: Dict[str, int] = {}
+    by_name: Dict[str, set] = {}
     for b in members:
         for c, n in zip(b.classes, b.class_names):
             if n is not None:
-                by_name.setdefault(n, c)
+                by_name.setdefault(n, set()).add(c)
     total = max((b.num_classes_total for b in members), default=0)
     out: Dict[str, Optional[int]] = {}
     for t in tokens:
+        if t in by_name and len(by_name[t]) > 1:  # bricks made later (kf_extend) with other class names for the data
+            ids = sorted(by_name[t])
+            raise BrickMismatchError(f"class name {t!r} names classes {ids} in the bricks of CKN {members[0].ckn}; ask for it by id "
+                                     f"({', '.join(map(str, ids))})")
         if t in by_name:
-            out[t] = by_name[t]
+            out[t] = min(by_name[t])
         elif t.isdigit() and int(t) < total:
             out[t] = int(t)
         else:

@@ -184,3 +184,40 @@ def test_cli_list_show_search_and_assemble(store, tmp_path, capsys):
     assert "no compatible brick covers zebra" in capsys.readouterr().err
     assert main(["assemble", str(a.bricks["ckn"]), "--store", str(root), "--classes", "cat"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_assemble_by_classes_takes_a_later_brick_that_grows_the_label_space(tmp_path):
+    """A CKN factorized on classes 0-3, then extended with classes 4-5 (kf_extend): the old and the new bricks assemble
+    by class names, over the larger label space, exactly as the same bricks named by hand."""
+    x, y = _data()
+    low = y < 4
+    torch.manual_seed(0)
+    old_teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 4)).eval()
+    new_teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).eval()  # outputs: the global classes 4 and 5
+    small = {"ckn": {"name": "mlp", "kwargs": {"hidden": [16]}}, "options": {"tsn_dim": 4}}
+    tsn = {"name": "mlp", "kwargs": {"hidden": [8]}}
+    old = kbricks.factorize(old_teacher, (x[low], y[low]), classes=NAMES[:4], tasks=[[0, 1], [2, 3]], epochs=1, tsn=tsn,
+                            run_dir=tmp_path / "store/old", progress="off", **small)
+    new = kbricks.extend(old.bricks["ckn"], new_teacher, (x, y), teacher_classes=[4, 5], tasks=[[4, 5]], classes=NAMES, epochs=1,
+                         tsn=tsn, options={"tsn_dim": 4}, run_dir=tmp_path / "store/new", progress="off")
+    cat = scan(tmp_path / "store")
+    assert not cat.refused
+    grown = next(t for t in cat.bricks if t.task == "classes_4-5")
+    assert grown.num_classes_total == 6 and cat.ckns[0].num_classes_total == 4 and grown.labels == ["4:ship", "5:car"]
+
+    sel = choose(tmp_path / "store", ["dog", "car"])
+    assert [t.task for t in sel.tsns] == ["classes_0-1", "classes_4-5"] and sel.requested == {"dog": 1, "car": 5}
+    net = kbricks.assemble(store=tmp_path / "store", classes=["dog", "car", "frog"])
+    assert [t.task for t in net.selection.tsns] == ["classes_0-1", "classes_2-3", "classes_4-5"]
+    assert net.classes == [0, 1, 2, 3, 4, 5] and net.info["class_names"] == NAMES
+    by_hand = kbricks.assemble(old.bricks["ckn"], [old.bricks["classes_0-1"], old.bricks["classes_2-3"], new.bricks["classes_4-5"]])
+    assert torch.equal(net(x), by_hand(x))
+    assert [m.brick.task for m in cat.search(classes=["car"])] == ["classes_4-5"]
+
+    # a later brick that gives a class name another id: asking by that name is ambiguous, in one line; ids still work
+    other_names = ["x0", "x1", "x2", "x3", "cat", "car"]
+    kbricks.extend(old.bricks["ckn"], new_teacher, (x, y), teacher_classes=[4, 5], tasks=[[4, 5]], classes=other_names, epochs=1,
+                   tsn=tsn, options={"tsn_dim": 4}, run_dir=tmp_path / "store/renamed", progress="off")
+    with pytest.raises(BrickMismatchError, match=r"class name 'cat' names classes \[0, 4\] .*ask for it by id"):
+        choose(tmp_path / "store", ["cat"])
+    assert choose(tmp_path / "store", ["0", "dog"]).requested == {"0": 0, "dog": 1}

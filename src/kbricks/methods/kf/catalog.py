@@ -274,16 +274,20 @@ def parse_classes(classes: Union[str, int, Sequence[Any]]) -> List[str]:
 def resolve_classes(tokens: Sequence[str], members: Sequence[BrickInfo]) -> Dict[str, Optional[int]]:
     """Each token's class id in the label space of one CKN's bricks: a class name of those bricks, else a whole
     number read as an id; None when it is neither."""
-    by_name: Dict[str, int] = {}
+    by_name: Dict[str, set] = {}
     for b in members:
         for c, n in zip(b.classes, b.class_names):
             if n is not None:
-                by_name.setdefault(n, c)
+                by_name.setdefault(n, set()).add(c)
     total = max((b.num_classes_total for b in members), default=0)
     out: Dict[str, Optional[int]] = {}
     for t in tokens:
+        if t in by_name and len(by_name[t]) > 1:  # bricks made later (kf_extend) with other class names for the data
+            ids = sorted(by_name[t])
+            raise BrickMismatchError(f"class name {t!r} names classes {ids} in the bricks of CKN {members[0].ckn}; ask for it by id "
+                                     f"({', '.join(map(str, ids))})")
         if t in by_name:
-            out[t] = by_name[t]
+            out[t] = min(by_name[t])
         elif t.isdigit() and int(t) < total:
             out[t] = int(t)
         else:
@@ -314,11 +318,11 @@ class Selection:
 
 
 def _compatible_tsns(ckn: BrickInfo, catalog: Catalog) -> List[BrickInfo]:
-    """Class-partition TSNs that assembly would accept with ``ckn``, one per fingerprint (copies: the first path)."""
+    """Class-partition TSNs that assembly would accept with ``ckn``, one per fingerprint (copies: the first path). The
+    label space may differ: a brick made later (``kf_extend``) may add classes, and assembly covers the largest."""
     out: Dict[str, BrickInfo] = {}
     for t in sorted(catalog.tsns_of(ckn.fingerprint), key=lambda b: str(b.path)):
-        if (t.classes and t.ckn_architecture == ckn.architecture and t.normalize == ckn.normalize
-                and t.num_classes_total == ckn.num_classes_total):
+        if t.classes and t.ckn_architecture == ckn.architecture and t.normalize == ckn.normalize:
             out.setdefault(t.fingerprint, t)
     return list(out.values())
 

@@ -106,6 +106,16 @@ def test_bricks_of_another_ckn_are_refused(lib, extended, tmp_path):
         assemble(tmp_path / "kf2/bricks/ckn.json", [ext.bricks["classes_5-6-7-8-9"]])
 
 
+def test_extend_refuses_data_of_only_the_new_classes(lib, tmp_path):
+    splits = load_dataset("digits")
+    keep = splits.train.y >= 5
+    x, y = splits.train.x[keep][:128], splits.train.y[keep][:128]
+    with pytest.raises(ConfigError) as e:
+        kbricks.extend(lib / "kf/bricks/ckn.json", lib / "teacher", (x, y), tasks=[HIGH], run_dir=tmp_path / "r", progress="off")
+    assert "only the new classes [5, 6, 7, 8, 9]" in str(e.value) and "do not relabel" in str(e.value)
+    assert not (tmp_path / "r").exists()  # refused before anything is written
+
+
 def test_extend_from_the_cli(lib, tmp_path):
     cfg = {"name": "ext", "seed": 0, "data": {"name": "digits", "train_subset": 256, "tasks": {"partition": [HIGH]}}, "model": CKN,
            "method": {"name": "kf_extend", "ckn": str(lib / "kf/bricks/ckn.json"), "teacher": str(lib / "teacher"), "tsn": TSN, "tsn_dim": 4},

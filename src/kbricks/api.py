@@ -276,6 +276,18 @@ def _tasks_config(tasks) -> Optional[Dict[str, Any]]:
     return {"partition": [list(map(int, t)) for t in tasks]}
 
 
+def _check_other_classes(splits: DataSplits, tasks: Optional[Dict[str, Any]]) -> None:
+    """A new TSN learns to answer "not mine" from samples of the classes outside its task; data holding only the new
+    classes would give bricks that claim every input once assembled with the old ones."""
+    if not tasks or "partition" not in tasks:
+        return
+    new = {c for part in tasks["partition"] for c in part}
+    present = set(torch.unique(splits.train.y).tolist())
+    if present and present <= new:
+        raise ConfigError(f"extend: the training data hold only the new classes {sorted(present)}; give samples of the other "
+                          "classes too, labelled by their global ids (the new bricks learn 'not mine' from them); do not relabel")
+
+
 def _is_flat(splits: DataSplits) -> bool:
     return splits.train.x.dim() == 2
 
@@ -400,7 +412,9 @@ def extend(ckn_brick: Union[str, os.PathLike], teacher: Network, data: Data, *, 
     arch = manifest["architecture"]
     data_cfg = _data_config(data, test, classes, test_fraction, split_seed, manifest.get("normalize") is not None, augment)
     data_cfg["tasks"] = _tasks_config(tasks)
-    flat = _is_flat(_splits_of(data_cfg))
+    splits = _splits_of(data_cfg)
+    _check_other_classes(splits, data_cfg["tasks"])
+    flat = _is_flat(splits)
     tsn_default = {"name": "mlp", "kwargs": {"hidden": [64]}} if flat else {"name": "small_cnn", "kwargs": {"widths": [16, 32]}}
     method_cfg: Dict[str, Any] = {"name": "kf_extend", "ckn": os.fspath(ckn_brick),
                                   "teacher": _teacher_ref(teacher, teacher_normalize, True), "tsn": _model_config(tsn, "tsn", tsn_default)}

@@ -221,3 +221,57 @@ def test_assemble_by_classes_takes_a_later_brick_that_grows_the_label_space(tmp_
     with pytest.raises(BrickMismatchError, match=r"class name 'cat' names classes \[0, 4\] .*ask for it by id"):
         choose(tmp_path / "store", ["cat"])
     assert choose(tmp_path / "store", ["0", "dog"]).requested == {"0": 0, "dog": 1}
+
+
+@pytest.fixture(scope="module")
+def two_meanings(tmp_path_factory):
+    """One CKN whose ids 4 and 5 carry two meanings: its own bricks call them ship/car, bricks extended later with a
+    teacher on other data of the same input shape (kf_extend) call them boot/bag."""
+    root = tmp_path_factory.mktemp("meanings")
+    x, y = _data()
+    run = _factorize(root / "own", [[0, 1], [2, 3], [4, 5]], seed=0)
+    torch.manual_seed(3)
+    other_teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).eval()  # outputs: the global classes 4 and 5
+    other = kbricks.extend(run.bricks["ckn"], other_teacher, (x, y), teacher_classes=[4, 5], tasks=[[4, 5]],
+                           classes=NAMES[:4] + ["boot", "bag"], epochs=1, tsn={"name": "mlp", "kwargs": {"hidden": [8]}},
+                           options={"tsn_dim": 4}, run_dir=root / "other", progress="off")
+    return root, run, other
+
+
+def test_a_class_asked_by_name_only_takes_bricks_that_give_its_id_that_name(two_meanings):
+    root, run, other = two_meanings
+    cat = scan(root)
+    assert sorted(t.labels for t in cat.bricks if t.task == "classes_4-5") == [["4:boot", "5:bag"], ["4:ship", "5:car"]]
+    # whichever brick sorts or scores first, the name decides: boot is the extended brick, car the CKN's own
+    for store in (root, [root / "other", root / "own"], [root / "own", root / "other"]):
+        assert [t.path for t in choose(store, ["boot"]).tsns] == [other.bricks["classes_4-5"]]
+        assert [t.path for t in choose(store, ["car", "cat"]).tsns] == [run.bricks["classes_0-1"], run.bricks["classes_4-5"]]
+    assert [(m.brick.path, m.classes) for m in cat.search(classes=["bag"])] == [(other.bricks["classes_4-5"], ["bag"])]
+    assert [m.brick.path for m in cat.search(classes=["ship"])] == [run.bricks["classes_4-5"]]
+    net = kbricks.assemble(store=root, classes="bag,dog")
+    assert net.info["class_names"][4:] == ["boot", "bag"] and net.selection.requested == {"bag": 5, "dog": 1}
+    # id:name (the form the listing prints) picks one meaning too
+    assert [t.path for t in choose(root, ["5:bag"]).tsns] == [other.bricks["classes_4-5"]]
+    # two meanings of one id cannot both be in one network: refused, never one of them silently
+    with pytest.raises(BrickMismatchError, match="overlapping class sets"):
+        choose(root, ["ship", "boot"])
+
+
+def test_an_id_with_two_meanings_is_refused_in_one_line(two_meanings, capsys):
+    root, run, other = two_meanings
+    for ask in (["4"], [5, "cat"]):
+        with pytest.raises(BrickMismatchError) as err:
+            choose(root, ask)
+        msg = str(err.value)
+        assert "\n" not in msg and "by the bricks of CKN" in msg and "ask for it by name or as id:name" in msg
+    assert "class id 4 is named 'boot' and 'ship'" in str(pytest.raises(BrickMismatchError, scan(root).search, classes=["4"]).value)
+    # ids that only one meaning names still resolve
+    assert choose(root, ["0", "3"]).requested == {"0": 0, "3": 3}
+    assert main(["assemble", "--store", str(root), "--classes", "5"]) == 2
+    assert "class id 5 is named 'bag' and 'car'" in capsys.readouterr().err
+
+
+def test_hand_named_bricks_with_two_meanings_of_one_id_are_refused(two_meanings):
+    root, run, other = two_meanings
+    with pytest.raises(BrickMismatchError, match=r"repeats .*classes \[4, 5\] \(named 'boot', 'bag' there, 'ship', 'car' in an earlier brick"):
+        kbricks.assemble(run.bricks["ckn"], [run.bricks["classes_4-5"], other.bricks["classes_4-5"]])

@@ -200,6 +200,7 @@ def _build(ckn: Brick, tsn_bricks: Sequence[Brick]) -> AssembledNetwork:
     ckn_net = build_ckn(ckn_manifest["architecture"])
     load_state_into(ckn_net, ckn_tensors, f"CKN architecture in {ckn_name}")
     tsns, tasks, manifests, seen = [], [], [ckn_manifest], set()
+    named: Dict[int, Any] = {}  # class id -> the name an earlier brick gives it
     for name, m, tensors in tsn_bricks:
         if m["kind"] != "tsn":
             raise BrickMismatchError(f"{name} is a {m['kind']} brick, not a TSN")
@@ -214,9 +215,15 @@ def _build(ckn: Brick, tsn_bricks: Sequence[Brick]) -> AssembledNetwork:
             raise BrickMismatchError(f"TSN {name} expects another input normalisation ({m.get('normalize')}) than its CKN ({ckn_manifest.get('normalize')})")
         task = _task_from_dict(m["task"])
         overlap = seen.intersection(task.classes or ())
+        names = dict(zip(task.classes or (), m.get("class_names") or ()))
         if overlap or any(t.name == task.name for t in tasks):
-            raise BrickMismatchError(f"TSN {name} repeats task {task.name!r} or classes {sorted(overlap)}")
+            ids = sorted(overlap)
+            differ = [c for c in ids if names.get(c) != named.get(c)]
+            meanings = (f" (named {', '.join(repr(names.get(c)) for c in differ)} there, {', '.join(repr(named.get(c)) for c in differ)} "
+                        "in an earlier brick: two meanings of one id never assemble together)") if differ else ""
+            raise BrickMismatchError(f"TSN {name} repeats task {task.name!r} or classes {ids}{meanings}")
         seen.update(task.classes or ())
+        named.update(names)
         tsn = build_tsn(m)
         load_state_into(tsn, tensors, f"TSN architecture in {name}")
         tsns.append(tsn), tasks.append(task), manifests.append(m)

@@ -8,7 +8,10 @@ unless they sit where a brick would (a ``bricks/`` folder, or named ``ckn.json``
 
 Bricks are grouped by the CKN they bind to (a CKN's own fingerprint, a TSN's ``ckn_fingerprint``). A class is asked for
 by name or by id, resolved in the label space of each group: a token that is one of the group's class names means that
-class, else a whole number means the class id. :func:`choose` picks, for the requested classes, one CKN and the fewest
+class, else ``id:name`` means that id under that name, else a whole number means the class id. Bricks added to a CKN
+later (``kf_extend``, e.g. a FashionMNIST teacher on a digits CKN) may give one id another meaning: a class asked by
+name only takes bricks that give its id that name, and an id the group's bricks name differently is refused in one
+line (ask by name). :func:`choose` picks, for the requested classes, one CKN and the fewest
 of its TSN bricks that cover them without overlapping (assembly refuses overlapping bricks); ties go to the higher mean
 accuracy recorded at training, then to the lexically first paths, so the choice is deterministic.
 """
@@ -24,6 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ...core.io import first_line
 from ...errors import CheckpointError, KbricksError
 from ...models.deploy import input_shape_of
 from .bricks import BRICK_FORMAT, BrickMismatchError, load_brick
@@ -103,7 +107,7 @@ def describe(path: PathLike) -> BrickInfo:
     except KbricksError:
         raise
     except Exception as exc:  # a signed but malformed manifest (wrong types): still one line, never a traceback
-        raise CheckpointError(f"brick {Path(path).name}: malformed manifest ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise CheckpointError(f"brick {Path(path).name}: malformed manifest ({first_line(exc, with_type=True)})") from None
 
 
 def _manifest_path(path: Path) -> Path:
@@ -167,7 +171,7 @@ def _classify(path: Path) -> Optional[str]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         if not _looks_like_brick_place(path):
             return None
-        return f"{path.name} is not a readable JSON document ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        return f"{path.name} is not a readable JSON document ({first_line(exc, with_type=True)})"
     fmt = doc.get("format") if isinstance(doc, dict) else None
     if isinstance(fmt, str) and fmt.startswith("kbricks-brick"):
         return ""
@@ -209,7 +213,7 @@ class Catalog:
         for fp, members in self.groups().items():
             if ckn is not None and not fp.startswith(ckn):
                 continue
-            ids = resolve_classes(tokens, members) if tokens is not None else {}
+            meanings = resolve_meanings(tokens, members) if tokens is not None else {}
             for b in members:
                 if b.kind == "ckn":
                     if tokens is None and task is None:
@@ -217,7 +221,7 @@ class Catalog:
                     continue
                 if task is not None and not (fnmatch.fnmatchcase(str(b.task), task) or fnmatch.fnmatchcase(str(b.latent), task)):
                     continue
-                held = [t for t in tokens if ids.get(t) in b.classes] if tokens is not None else []
+                held = [t for t in tokens if _gives(b, meanings.get(t))] if tokens is not None else []
                 if tokens is None or held:
                     out.append(Match(b, held))
         return out
@@ -251,7 +255,7 @@ def scan(dirs: Union[PathLike, Sequence[PathLike]]) -> Catalog:
         try:
             bricks.append(describe(path))
         except KbricksError as exc:
-            refused.append(Refusal(path, str(exc).splitlines()[0]))
+            refused.append(Refusal(path, first_line(exc)))
     return Catalog(bricks, refused, roots)
 
 
@@ -272,27 +276,62 @@ def parse_classes(classes: Union[str, int, Sequence[Any]]) -> List[str]:
 
 
 def resolve_classes(tokens: Sequence[str], members: Sequence[BrickInfo]) -> Dict[str, Optional[int]]:
-    """Each token's class id in the label space of one CKN's bricks: a class name of those bricks, else a whole
-    number read as an id; None when it is neither."""
+    """Each token's class id in the label space of one CKN's bricks (see :func:`resolve_meanings`); None when it names
+    no class there."""
+    return {t: m[0] if m else None for t, m in resolve_meanings(tokens, members).items()}
+
+
+ClassMeaning = Tuple[int, Optional[str]]  # a class id and the name a brick must give it (None: any name)
+
+
+def resolve_meanings(tokens: Sequence[str], members: Sequence[BrickInfo]) -> Dict[str, Optional[ClassMeaning]]:
+    """Each token's class in the label space of one CKN's bricks, as (id, the name a brick must give that id): a class
+    name of those bricks, else ``id:name``, else a whole number read as an id. Bricks added later (``kf_extend``, a
+    teacher on other data of the same input shape) may give one id another meaning, so a class asked by name only
+    matches bricks that give its id that name, and an id that the bricks name differently is refused in one line (ask by
+    name). None when a token is none of these."""
     by_name: Dict[str, set] = {}
+    names_of_id: Dict[int, set] = {}
     for b in members:
         for c, n in zip(b.classes, b.class_names):
             if n is not None:
                 by_name.setdefault(n, set()).add(c)
+                names_of_id.setdefault(c, set()).add(n)
     total = max((b.num_classes_total for b in members), default=0)
-    out: Dict[str, Optional[int]] = {}
+    ckn = members[0].ckn if members else "?"
+    out: Dict[str, Optional[ClassMeaning]] = {}
     for t in tokens:
-        if t in by_name and len(by_name[t]) > 1:  # bricks made later (kf_extend) with other class names for the data
-            ids = sorted(by_name[t])
-            raise BrickMismatchError(f"class name {t!r} names classes {ids} in the bricks of CKN {members[0].ckn}; ask for it by id "
-                                     f"({', '.join(map(str, ids))})")
         if t in by_name:
-            out[t] = min(by_name[t])
+            ids = sorted(by_name[t])
+            if len(ids) > 1:  # bricks made later (kf_extend) with other class names for the data
+                raise BrickMismatchError(f"class name {t!r} names classes {ids} in the bricks of CKN {ckn}; ask for it by id "
+                                         f"({', '.join(map(str, ids))}) or as id:name ({', '.join(f'{c}:{t}' for c in ids)})")
+            out[t] = (ids[0], t)
+            continue
+        head, sep, name = t.partition(":")
+        if sep and head.isdigit() and int(head) < total and name in names_of_id.get(int(head), ()):
+            out[t] = (int(head), name)
         elif t.isdigit() and int(t) < total:
-            out[t] = int(t)
+            names = sorted(names_of_id.get(int(t), ()))
+            if len(names) > 1:
+                raise BrickMismatchError(f"class id {t} is named {' and '.join(map(repr, names))} by the bricks of CKN {ckn}; "
+                                         f"ask for it by name or as id:name ({', '.join(f'{t}:{n}' for n in names)})")
+            out[t] = (int(t), None)
         else:
             out[t] = None
     return out
+
+
+def _gives(brick: BrickInfo, meaning: Optional[ClassMeaning]) -> bool:
+    """Whether ``brick`` holds the class ``meaning`` (its id, under the required name if any)."""
+    if meaning is None or meaning[0] not in brick.classes:
+        return False
+    return meaning[1] is None or brick.class_names[brick.classes.index(meaning[0])] == meaning[1]
+
+
+def _contradicts(brick: BrickInfo, wanted: Sequence[ClassMeaning]) -> bool:
+    """Whether ``brick`` holds one of the ``wanted`` ids under another name than required (it would answer for it)."""
+    return any(c in brick.classes and not _gives(brick, (c, n)) for c, n in wanted)
 
 
 # ---- choosing and assembling ------------------------------------------------------------------------------------
@@ -327,9 +366,10 @@ def _compatible_tsns(ckn: BrickInfo, catalog: Catalog) -> List[BrickInfo]:
     return list(out.values())
 
 
-def _covers(wanted: set, tsns: List[BrickInfo]) -> List[Tuple[BrickInfo, ...]]:
-    """Every smallest set of pairwise disjoint TSNs (distinct tasks) whose classes include ``wanted``."""
-    useful = [t for t in tsns if wanted & set(t.classes)]
+def _covers(wanted: Sequence[ClassMeaning], tsns: List[BrickInfo]) -> List[Tuple[BrickInfo, ...]]:
+    """Every smallest set of pairwise disjoint TSNs (distinct tasks) that give all ``wanted`` classes (ids, under the
+    required names); a brick that holds a wanted id under another name is never used."""
+    useful = [t for t in tsns if any(_gives(t, w) for w in wanted) and not _contradicts(t, wanted)]
     best: List[Tuple[BrickInfo, ...]] = []
     limit = [len(wanted) + 1]
 
@@ -346,7 +386,7 @@ def _covers(wanted: set, tsns: List[BrickInfo]) -> List[Tuple[BrickInfo, ...]]:
             if c in t.classes and not used & set(t.classes) and t.task not in names:
                 extend(uncovered - set(t.classes), chosen + [t], used | set(t.classes), names | {t.task})
 
-    extend(set(wanted), [], set(), set())
+    extend({c for c, _ in wanted}, [], set(), set())
     return best
 
 
@@ -366,15 +406,14 @@ def choose(store: Union[Catalog, PathLike, Sequence[PathLike]], classes: Union[s
     for ckn in sorted(catalog.ckns, key=lambda b: str(b.path)):
         ckns.setdefault(ckn.fingerprint, ckn)  # copies of one CKN: the first path
     for ckn in ckns.values():
-        ids = resolve_classes(tokens, groups.get(ckn.fingerprint, []))
+        meanings = resolve_meanings(tokens, groups.get(ckn.fingerprint, []))
         tsns = _compatible_tsns(ckn, catalog)
-        held = set().union(*(t.classes for t in tsns)) if tsns else set()
-        covered = [t for t in tokens if ids[t] is not None and ids[t] in held]
+        covered = [t for t in tokens if any(_gives(b, meanings[t]) for b in tsns)]
         if len(covered) == len(tokens):
-            covers = _covers({ids[t] for t in tokens}, tsns)
+            covers = _covers(list(dict.fromkeys(meanings[t] for t in tokens)), tsns)
             if covers:
                 best = min(covers, key=lambda s: (-_mean_accuracy(s), sorted(str(t.path) for t in s)))
-                candidates.append((ckn, best, {t: ids[t] for t in tokens}))
+                candidates.append((ckn, best, {t: meanings[t][0] for t in tokens}))
                 continue
         score = (len(covered), len(covered) == len(tokens))
         if closest is None or score > closest[0]:

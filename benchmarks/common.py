@@ -113,3 +113,15 @@ def report(title: str, res: Dict[str, Dict[str, object]], baseline: str, compare
     for name, r in res.items():
         print(f"  {name:<56s} {fmt_stat(r['ms'])} ms   ratio vs baseline: {fmt_stat(r['ratio'], suffix='x')}")
     return {"title": title, "compares": compares, "baseline": baseline, "candidates": res}
+
+
+def plain_optimizer(o, params):
+    """The optimiser ``cfg.optim`` names (name, lr, momentum, Nesterov, weight decay), in plain torch; the fused
+    update where torch has one for the parameters, as kbricks uses it."""
+    params = list(params)
+    fused = {"fused": True} if o.name in ("sgd", "adam", "adamw") and all(p.device.type in ("cpu", "cuda") for p in params) else {}
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay, **fused)
+    if o.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return (torch.optim.Adam if o.name == "adam" else torch.optim.AdamW)(params, lr=o.lr, weight_decay=o.weight_decay, **fused)

@@ -51,6 +51,27 @@ def test_plain_copies_carry_no_hooks():
     assert seen == ["pre", "fwd"]  # the original keeps its hooks
 
 
+def test_plain_loop_builds_the_optimiser_the_config_names():
+    import bench_trainer
+    import torch
+
+    from kbricks import load_config
+    from kbricks.studies import configs_root
+
+    params = list(torch.nn.Linear(3, 2).parameters())
+    for name, kind in (("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("rmsprop", torch.optim.RMSprop)):
+        cfg = load_config(configs_root() / "teacher/digits_cnn.yaml", [f"optim.name={name}", "optim.lr=0.003", "optim.momentum=0.7",
+                                                                        "optim.weight_decay=0.01"])
+        opt = bench_trainer.plain_optimizer(cfg.optim, params)
+        group = opt.param_groups[0]
+        assert type(opt) is kind and group["lr"] == 0.003 and group["weight_decay"] == 0.01
+        if name in ("sgd", "rmsprop"):
+            assert group["momentum"] == 0.7
+    cfg = load_config(configs_root() / "teacher/digits_cnn.yaml", ["optim.schedule=step"])
+    with pytest.raises(ValueError, match="cosine schedule without warm-up"):
+        bench_trainer.plain_loop(cfg, None)
+
+
 def stat(m):
     return {"median": m, "iqr": [m, m], "n": 5}
 
@@ -99,6 +120,7 @@ def test_every_bench_in_smoke_mode_renders_the_tables(quick_env, tmp_path):
     cold = results["supermask"]["one-shot inference, cold vs warm"]["candidates"]
     assert {"T=5, warm", "T=20, warm", "T=5, cold (first call, fresh strategy)", "T=20, cold (first call, fresh strategy)"} == set(cold)
     assert results["trainer"]["digits teacher"]["candidates"]["kbricks run_training"]["ratio"]["n"] == 2
+    assert "same work" in results["trainer"]["digits teacher"]["compares"] and "plots off" in results["trainer"]["digits teacher"]["compares"]
 
     meta = {"device": "test", "threads": 1, "clock": "cpu", "quick": True, "load_average_at_start": 0.0, "commit": "abc", "date": "today"}
     md = run_all.render(results, meta, {}, old={}, out=tmp_path)

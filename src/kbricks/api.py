@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .core.hooks import Hook
+from .core.metrics import argmax_accuracy
 from .data import DataSplits, load_dataset, python_splits
 from .engine.experiment import build_config
 from .engine.run import run_training
@@ -174,22 +175,9 @@ def _single(out):
     return out
 
 
-@torch.no_grad()
 def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], x: Any, y: Any, batch_size: int = 512) -> float:
     """Fraction of ``x`` whose argmax of ``predict(batch)`` equals ``y`` (any network or function returning logits)."""
-    x, y = torch.as_tensor(x).float(), torch.as_tensor(y).long()
-    was = predict.training if isinstance(predict, nn.Module) else None
-    if was is not None:
-        predict.eval()
-    right = 0
-    try:
-        for i in range(0, len(x), batch_size):
-            out = _single(predict(x[i:i + batch_size]))
-            right += int((out.argmax(1).cpu() == y[i:i + batch_size]).sum())
-    finally:
-        if was is not None:
-            predict.train(was)
-    return right / max(1, len(x))
+    return argmax_accuracy(predict, x, y, batch_size)
 
 
 # ---- building the config ---------------------------------------------------------------------------------------
@@ -343,6 +331,13 @@ def _teacher_entries(teachers: Sequence[Any], normalize) -> list:
     return entries
 
 
+def _tsn_config(tsn: Network, flat: bool) -> Dict[str, Any]:
+    """The TSN's model config: ``tsn`` as given, else a small network for the data (an MLP for feature vectors, a
+    small CNN for images)."""
+    default = {"name": "mlp", "kwargs": {"hidden": [64]}} if flat else {"name": "small_cnn", "kwargs": {"widths": [16, 32]}}
+    return _model_config(tsn, "tsn", default)
+
+
 def factorize(teacher: Network = None, data: Data = None, *, teachers: Optional[Sequence[Any]] = None, test: Data = None,
               tasks: Any = _TASKS_DEFAULT, ckn: Network = None, tsn: Network = None,
               teacher_normalize=None, check_teacher: bool = True, classes: Optional[Sequence[str]] = None, test_fraction: float = 0.2,
@@ -373,7 +368,6 @@ def factorize(teacher: Network = None, data: Data = None, *, teachers: Optional[
     data_cfg = _data_config(data, test, classes, test_fraction, split_seed, normalize, augment)
     flat = _is_flat(_splits_of(data_cfg))
     ckn_default = {"name": "mlp", "kwargs": {"hidden": [256, 128]}} if flat else {"name": "small_cnn", "kwargs": {"widths": [32, 64]}}
-    tsn_default = {"name": "mlp", "kwargs": {"hidden": [64]}} if flat else {"name": "small_cnn", "kwargs": {"widths": [16, 32]}}
     data_cfg["tasks"] = _tasks_config(tasks)
     cfg = _common(name, seed, epochs, batch_size, lr, optimizer, weight_decay, device, progress, out_dir)
     if teachers is None:
@@ -381,7 +375,7 @@ def factorize(teacher: Network = None, data: Data = None, *, teachers: Optional[
     else:
         method_cfg = {"name": "kf_amalgamate", "teachers": _teacher_entries(teachers, teacher_normalize)}
     cfg.update(data=data_cfg, model=_model_config(ckn, "ckn", ckn_default),
-               method={**method_cfg, "tsn": _model_config(tsn, "tsn", tsn_default), **(options or {})})
+               method={**method_cfg, "tsn": _tsn_config(tsn, flat), **(options or {})})
     return _factorization(cfg, overrides, run_dir, resume, overwrite)
 
 
@@ -415,9 +409,8 @@ def extend(ckn_brick: Union[str, os.PathLike], teacher: Network, data: Data, *, 
     splits = _splits_of(data_cfg)
     _check_other_classes(splits, data_cfg["tasks"])
     flat = _is_flat(splits)
-    tsn_default = {"name": "mlp", "kwargs": {"hidden": [64]}} if flat else {"name": "small_cnn", "kwargs": {"widths": [16, 32]}}
     method_cfg: Dict[str, Any] = {"name": "kf_extend", "ckn": os.fspath(ckn_brick),
-                                  "teacher": _teacher_ref(teacher, teacher_normalize, True), "tsn": _model_config(tsn, "tsn", tsn_default)}
+                                  "teacher": _teacher_ref(teacher, teacher_normalize, True), "tsn": _tsn_config(tsn, flat)}
     if teacher_classes is not None:
         method_cfg["teacher_classes"] = [int(c) for c in teacher_classes]
     cfg = _common(name, seed, epochs, batch_size, lr, optimizer, weight_decay, device, progress, out_dir)

@@ -6,10 +6,12 @@ with one tensor per task, and on task objects with ``classes`` / ``local_labels`
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
+from torch import nn
 
+from ..errors import ConfigError
 from . import dist
 
 
@@ -63,3 +65,24 @@ def evaluate(method, ds, tasks: Sequence, transform, device, batch_size: int = 5
             if n > 0:
                 metrics[f"acc_{t.name}"] = (c / n).item()
     return metrics
+
+
+@torch.no_grad()
+def argmax_accuracy(predict: Callable[[torch.Tensor], torch.Tensor], x: Any, y: Any, batch_size: int = 512) -> float:
+    """Fraction of ``x`` whose argmax of ``predict(batch)`` equals ``y`` (any network or function returning one logit
+    tensor); a network is scored in eval mode and left in the mode it was in."""
+    x, y = torch.as_tensor(x).float(), torch.as_tensor(y).long()
+    was = predict.training if isinstance(predict, nn.Module) else None
+    if was is not None:
+        predict.eval()
+    right = 0
+    try:
+        for i in range(0, len(x), batch_size):
+            out = predict(x[i:i + batch_size])
+            if isinstance(out, (list, tuple)):
+                raise ConfigError("this network has one output per task; score each task's output separately")
+            right += int((out.argmax(1).cpu() == y[i:i + batch_size].cpu()).sum())
+    finally:
+        if was is not None:
+            predict.train(was)
+    return right / max(1, len(x))

@@ -36,6 +36,7 @@ import torch
 import yaml
 
 from ..core.checkpoint import load_checkpoint
+from ..core.metrics import argmax_accuracy
 from ..core.stats import fmt_values, mean_of, summarize_runs
 from ..data import DATASETS, ArrayDataset, DataSplits, load_dataset
 from ..engine.experiment import load_config
@@ -88,7 +89,7 @@ def _acc_on(net, x: torch.Tensor, y: torch.Tensor, classes: Optional[Sequence[in
             lut = torch.full((10,), -1, dtype=torch.long)
             lut[list(classes)] = torch.arange(len(classes))
             y = lut[y]
-    return accuracy(net, x, y)
+    return argmax_accuracy(net, x, y)
 
 
 def _amalgamate_edit(entries: List[Dict[str, Any]]) -> Callable[[Dict[str, Any]], None]:
@@ -109,12 +110,6 @@ def _kd_edit(entries: List[Dict[str, Any]]) -> Callable[[Dict[str, Any]], None]:
 
 
 @torch.no_grad()
-def accuracy(net, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    net.eval()
-    right = sum(int((net(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum()) for i in range(0, len(x), batch_size))
-    return right / max(1, len(x))
-
-
 def run_library_study(dataset: str, seeds: Sequence[int], out: Path, quick: bool = False, log: Callable[[str], None] = print,
                       configs: Optional[Path] = None) -> Dict[str, Any]:
     if dataset not in LIBRARY_DATASETS:

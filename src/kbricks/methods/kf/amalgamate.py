@@ -93,6 +93,28 @@ class TeacherSet(nn.Module):
         return self.members[0].net
 
 
+def load_teachers(entries: Sequence[TeacherEntry], ctx: MethodContext) -> Tuple[TeacherSet, List[List[int]]]:
+    """The teachers of ``entries`` (frozen classifiers, each with its own label space) and, for each, the global class
+    ids of its outputs (all its outputs' ids when ``classes`` is not given); bad entries raise one-line ConfigErrors."""
+    teachers, teacher_classes = [], []
+    n = ctx.train.num_classes
+    for i, e in enumerate(entries):
+        where = f"method.teachers[{i}]" if len(entries) > 1 or e.name else "method.teacher"
+        spec = as_spec(e.path if isinstance(e.path, str) else e.path.model_dump(mode="json", exclude_defaults=True), where)
+        net = load_network(spec, ctx, where)
+        if net.task_names:
+            raise ConfigError(f"{where}: a multi-head teacher ({net.task_names}) cannot be amalgamated; give one classifier")
+        classes = e.classes if e.classes is not None else list(range(net.num_outputs))
+        if len(classes) != net.num_outputs:
+            raise ConfigError(f"{where}.classes lists {len(classes)} classes but the teacher has {net.num_outputs} outputs")
+        bad = [c for c in classes if not 0 <= c < n]
+        if bad or len(set(classes)) != len(classes):
+            raise ConfigError(f"{where}.classes must be distinct class ids in 0..{n - 1} of the data, got {classes}")
+        teacher_classes.append(list(classes))
+        teachers.append(net)
+    return TeacherSet(teachers), teacher_classes
+
+
 def check_ckn_architecture(manifest: Dict[str, Any], ctx: MethodContext, where: str) -> None:
     """The frozen CKN must take this data, and ``model`` must say what it is (the run's card records it)."""
     arch = manifest["architecture"]
@@ -183,23 +205,8 @@ class _MultiTeacherKF(KnowledgeFactorization):
         return tasks, owners
 
     def _load_teacher(self, params, ctx: MethodContext) -> TeacherSet:
-        teachers = []
-        n = ctx.train.num_classes
-        for i, e in enumerate(self._entries):
-            where = f"method.teachers[{i}]" if len(self._entries) > 1 or e.name else "method.teacher"
-            spec = as_spec(e.path if isinstance(e.path, str) else e.path.model_dump(mode="json", exclude_defaults=True), where)
-            net = load_network(spec, ctx, where)
-            if net.task_names:
-                raise ConfigError(f"{where}: a multi-head teacher ({net.task_names}) cannot be amalgamated; give one classifier")
-            classes = e.classes if e.classes is not None else list(range(net.num_outputs))
-            if len(classes) != net.num_outputs:
-                raise ConfigError(f"{where}.classes lists {len(classes)} classes but the teacher has {net.num_outputs} outputs")
-            bad = [c for c in classes if not 0 <= c < n]
-            if bad or len(set(classes)) != len(classes):
-                raise ConfigError(f"{where}.classes must be distinct class ids in 0..{n - 1} of the data, got {classes}")
-            self.teacher_classes.append(list(classes))
-            teachers.append(net)
-        return TeacherSet(teachers)
+        teachers, self.teacher_classes = load_teachers(self._entries, ctx)
+        return teachers
 
     def _build_ckn(self, ctx: MethodContext) -> nn.Module:
         if self.ckn_manifest is None:
@@ -313,12 +320,10 @@ class MultiTeacherKD(Method):
 
         super().__init__()
         self.params, self.tasks, self.num_classes = params, ctx.tasks, ctx.train.num_classes
-        loader = _MultiTeacherKF._load_teacher
-        holder = type("Holder", (), {"_entries": params.teachers, "teacher_classes": []})()
         if any(e.classes is None for e in params.teachers) and len(params.teachers) > 1:
             raise ConfigError("method.teachers[i].classes: list the global class id of each teacher's outputs")
-        self.teacher = loader(holder, params, ctx)
-        self.teacher_classes = [torch.tensor(c, dtype=torch.long) for c in holder.teacher_classes]
+        self.teacher, classes = load_teachers(params.teachers, ctx)
+        self.teacher_classes = [torch.tensor(c, dtype=torch.long) for c in classes]
         self.net = build_network(ctx)
 
     def training_step(self, batch: Batch) -> Dict[str, torch.Tensor]:
@@ -393,4 +398,4 @@ class ExportLibraryBricks(Hook):
             _write(out / f"tsn-{task.name}", {**manifest, "kbricks": __version__}, tsn.state_dict())
 
 
-__all__ = ["KFAmalgamation", "KFExtension", "MultiTeacherKD", "union_targets", "TeacherEntry", "TeacherSet", "gated_targets"]
+__all__ = ["KFAmalgamation", "KFExtension", "MultiTeacherKD", "union_targets", "TeacherEntry", "TeacherSet", "gated_targets", "load_teachers"]

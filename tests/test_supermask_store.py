@@ -11,7 +11,7 @@ from kbricks.core.checkpoint import load_checkpoint, load_safetensors, load_stat
 from kbricks.engine.experiment import build_experiment
 from kbricks.engine.run import run_continual
 from kbricks.models import create_model
-from kbricks.models.masked import FixedMasks, MaskBank, StoredMask
+from kbricks.models.masked import FixedMasks, MaskBank, StoredMask, pack_bits, unpack_bits
 from kbricks.models.supermask import supermask
 
 
@@ -187,3 +187,16 @@ def test_packed_masks_on_disk_round_trip_and_per_task_bytes_equal_the_bytes_stor
     assert not torch.equal(direct[0], direct[2])
     assert torch.equal(fresh.method.predict_task(x, 2), direct[2])
     assert r["task_inference/one_shot/16img"] >= 0.75 and "task_inference/one_shot/first_image" in r
+
+
+def test_pack_bits_takes_views_at_any_offset_and_round_trips():
+    g = torch.Generator().manual_seed(0)
+    bits = torch.rand(16, 8, generator=g) > 0.5
+    flat = bits.reshape(-1)
+    for view in (flat[3:59], flat[1:], flat[8:64], bits[:, 1:6], bits.t(), flat[5:5 + 16].view(4, 4)):
+        packed = pack_bits(view)
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-view.numel() // 8)
+        assert torch.equal(unpack_bits(packed, view.numel()), view.reshape(-1))
+        # most significant bit first: byte 0 is the first 8 entries read as a binary number
+        first = view.reshape(-1)[:8].tolist()
+        assert int(packed[0]) == int("".join("1" if b else "0" for b in first).ljust(8, "0"), 2)

@@ -76,7 +76,10 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     if sys.byteorder == "little":  # one multiply per 8 entries
-        return (flat.contiguous().view(torch.int64) * _GATHER_BITS).view(torch.uint8).view(-1, 8)[:, 7].contiguous()
+        flat = flat.contiguous()
+        if flat.storage_offset() % 8:  # a view starting mid-word (x[3:59]) cannot be read as int64: copy it
+            flat = flat.clone()
+        return (flat.view(torch.int64) * _GATHER_BITS).view(torch.uint8).view(-1, 8)[:, 7].contiguous()
     return (flat.view(-1, 8) * _BIT_WEIGHTS.to(flat.device)).sum(1, dtype=torch.uint8)
 
 

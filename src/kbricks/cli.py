@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("ckn", nargs="?", help="the CKN brick manifest (bricks/ckn.json)")
     a.add_argument("tsn", nargs="*", help="TSN brick manifests (bricks/tsn-<task>.json)")
     a.add_argument("--store", nargs="+", metavar="DIR", help="directories of runs or bricks to choose from (with --classes)")
-    a.add_argument("--classes", help="comma-separated class names or ids the network must cover (with --store)")
+    a.add_argument("--classes", help="comma-separated class names, ids or id:name the network must cover (with --store)")
     a.add_argument("--out", help="directory for assembled.safetensors + assembled.json (optional with --store: "
                                  "without it the choice is only reported)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing assembly in --out")
@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     bq = brs.add_parser("search", help="bricks that hold some classes (names or ids), bind to a CKN, or have a task; "
                                        "exit 1 when none does")
     bq.add_argument("dirs", nargs="+", metavar="DIR")
-    bq.add_argument("--classes", help="comma-separated class names or ids: bricks holding any of them")
+    bq.add_argument("--classes", help="comma-separated class names, ids or id:name: bricks holding any of them")
     bq.add_argument("--ckn", metavar="FINGERPRINT", help="bricks of this CKN (its fingerprint or a prefix)")
     bq.add_argument("--task", help="task name (or latent), shell wildcards allowed")
     for sp in (bl, bs, bq):

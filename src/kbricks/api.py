@@ -103,16 +103,27 @@ TASK_INFERENCE = ("one_shot", "binary", "refit_uniform", "refit_nearest")
 
 @dataclass(frozen=True)
 class TaskFreePrediction:
-    """What :meth:`ContinualRun.predict` returns: ``labels`` [N] (class ids within the inferred task), ``tasks`` [N]
+    """What :meth:`ContinualRun.predict` returns: ``labels`` [N] (class ids *within the inferred task*, 0 ..
+    its num_classes-1), ``global_labels`` [N] (the same predictions as the dataset's class ids: on a split scenario
+    task 1's label 0 is the dataset's class 2; on permuted / rotated scenarios they equal ``labels``), ``tasks`` [N]
     (the task inferred for each image's group) and ``logits`` [N, outputs] (the run's full output width; only the
     inferred task's first ``num_classes`` columns are its classes). Unpacks as ``labels, tasks = ...``."""
 
     labels: torch.Tensor
     tasks: torch.Tensor
     logits: torch.Tensor = field(repr=False)
+    global_labels: Optional[torch.Tensor] = None
 
     def __iter__(self):
         return iter((self.labels, self.tasks))
+
+
+def global_class_ids(scenario, task: int, labels: torch.Tensor) -> torch.Tensor:
+    """Task ``task``'s labels as the dataset's class ids (unchanged when the task keeps the dataset's labels)."""
+    classes = getattr(scenario[task], "classes", None)
+    if classes is None:
+        return labels.clone()
+    return torch.tensor(classes, dtype=torch.long)[labels]
 
 
 @dataclass
@@ -151,7 +162,7 @@ class ContinualRun(Run):
         steps, lr = (inference.refit_steps, inference.refit_lr) if inference is not None else (25, 0.01)
         objective = inference.objective if inference is not None else "entropy"
         s.eval()
-        labels, tasks, logits = [], [], []
+        labels, global_labels, tasks, logits = [], [], [], []
         for i in range(0, len(x), max(1, n)):
             xb = self.normalize(x[i:i + n])
             if infer.startswith("refit_"):
@@ -162,11 +173,13 @@ class ContinualRun(Run):
                     out = s.predict_task(xb, task)
             out = out.detach().cpu()
             labels.append(out[:, : s.task_classes[task]].argmax(1))
+            global_labels.append(global_class_ids(s.scenario, task, labels[-1]))
             tasks.append(torch.full((len(xb),), task, dtype=torch.long))
             logits.append(out)
         if not labels:
-            return TaskFreePrediction(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, 0))
-        return TaskFreePrediction(torch.cat(labels), torch.cat(tasks), torch.cat(logits))
+            empty = torch.zeros(0, dtype=torch.long)
+            return TaskFreePrediction(empty, empty.clone(), torch.zeros(0, 0), empty.clone())
+        return TaskFreePrediction(torch.cat(labels), torch.cat(tasks), torch.cat(logits), torch.cat(global_labels))
 
 
 def _single(out):

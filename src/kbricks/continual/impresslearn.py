@@ -26,8 +26,9 @@ is at least that of the best of those candidates; otherwise the best candidate i
 statistics are re-estimated for it). A combination is therefore never worse on its training data than the best
 single impression. These are kbricks' settings, not the authors'.
 
-``recipe`` selects one of the authors' two published recipes instead (it sets the fields it names, whatever the
-config says; ``summary()["recipe"]`` records the values used):
+``recipe`` selects one of the authors' two published recipes instead (it sets the fields it names; a field the
+config sets to another value is refused in one line, naming both values; ``summary()["recipe"]`` records the values
+used):
 
 * ``authors_cifar`` - their CIFAR code: ``alpha_init: uniform``, ``start_at_optimal: true`` (a seed task starts at its
   own impression), ``keep_best: false``, ``alpha_optim`` Adam lr 0.02 with weight decay 0.01;
@@ -78,6 +79,20 @@ class RawScoreMasks(ScoreMasks):
         return TopKStraightThrough.apply(self.scores[index], self.density)
 
 
+def recipe_value_equal(mine: object, recipe: object) -> bool:
+    if isinstance(recipe, OptimConfig):
+        return isinstance(mine, OptimConfig) and mine.model_dump() == recipe.model_dump()
+    return mine == recipe
+
+
+def recipe_overrides(recipe: str) -> List[str]:
+    """Config overrides that set every field ``recipe`` names to its value: a config file that sets some of them
+    (e.g. ``density``) then agrees with the recipe instead of conflicting with it."""
+    import json
+
+    return [f"method.{key}={json.dumps(value)}" for key, value in RECIPES[recipe].items()]
+
+
 def spread(num_tasks: int, k: int) -> List[int]:
     """k task indices spread evenly over a sequence of ``num_tasks`` (0 first)."""
     return sorted({int(math.floor(i * num_tasks / k)) for i in range(k)})
@@ -121,7 +136,13 @@ class ImpressLearn(SupermaskStrategy):
         @model_validator(mode="after")
         def _recipe(self):
             for key, value in RECIPES.get(self.recipe, {}).items():
-                self.__dict__[key] = OptimConfig(**value) if key == "alpha_optim" else value
+                value = OptimConfig(**value) if key == "alpha_optim" else value
+                mine = getattr(self, key)
+                if key in self.model_fields_set and not recipe_value_equal(mine, value):
+                    shown = lambda v: v.model_dump(exclude_defaults=True) if isinstance(v, OptimConfig) else v  # noqa: E731
+                    raise ValueError(f"recipe {self.recipe} sets {key}={shown(value)!r} but the config sets {key}={shown(mine)!r}; "
+                                     f"drop {key} from the config or drop the recipe")
+                self.__dict__[key] = value
             return self
 
         @model_validator(mode="after")

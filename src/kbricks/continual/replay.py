@@ -5,7 +5,8 @@ with its label in the shared head (``shared``).
 
 The buffer keeps ``buffer_per_task`` samples of every finished task (drawn at random, class-balanced when the task's
 classes allow it), or, with ``buffer_total``, a fixed number of samples shared equally by the finished tasks (older
-tasks give up samples as new ones come). Samples are stored as the dataset holds them (float32 images in [0, 1]) with
+tasks give up samples as new ones come). A task's samples are stored in round-robin class order, so the prefix an
+older task keeps when the buffer shrinks is class-balanced too. Samples are stored as the dataset holds them (float32 images in [0, 1]) with
 an int64 label and task id; their bytes are what ``bytes_per_task`` / ``fixed_bytes`` count."""
 
 from __future__ import annotations
@@ -15,26 +16,26 @@ from typing import Optional
 import torch
 from pydantic import Field, model_validator
 
+from ..errors import ConfigError
 from ..methods.base import METHODS
 from .plugins import ContinualPlugin, tensor_bytes
 from .strategy import ContinualStrategy, DenseParams
 
 
 def balanced_sample(y: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` indices into ``y`` (or all of them), as equal as possible across its classes, in random order."""
-    if n >= len(y):
-        return torch.randperm(len(y), generator=generator)
-    classes = y.unique()
-    per_class = [(y == c).nonzero().flatten() for c in classes]
+    """``min(n, len(y))`` indices into ``y`` drawn at random within each class, in round-robin class order (one of
+    each class, then the next of each, ...): every prefix is as equal as possible across the classes, so a buffer
+    that later keeps only the first ``keep`` samples of a task stays balanced."""
+    n = min(n, len(y))
+    per_class = [(y == c).nonzero().flatten() for c in y.unique()]
     per_class = [ix[torch.randperm(len(ix), generator=generator)] for ix in per_class]
     taken, i = [], 0
-    while len(taken) < n:  # round robin over the classes: balanced while every class has samples left
+    while len(taken) < n:  # balanced while every class has samples left; then the larger classes fill the rest
         for ix in per_class:
             if i < len(ix) and len(taken) < n:
                 taken.append(ix[i])
         i += 1
-    out = torch.stack(taken)
-    return out[torch.randperm(len(out), generator=generator)]
+    return torch.stack(taken) if taken else torch.zeros(0, dtype=torch.long)
 
 
 class ReplayPlugin(ContinualPlugin):
@@ -52,6 +53,7 @@ class ReplayPlugin(ContinualPlugin):
         if self.total is not None:
             keep = self.total // (t + 1)  # every finished task gets an equal share
             if self.x is not None:
+                # each task's samples are in round-robin class order: its first `keep` stay class-balanced
                 rows = torch.cat([(self.task == j).nonzero().flatten()[:keep] for j in range(t)])
                 self.x, self.y, self.task = self.x[rows], self.y[rows], self.task[rows]
         else:
@@ -107,6 +109,13 @@ class ExperienceReplay(ContinualStrategy):
             if (self.buffer_per_task is None) == (self.buffer_total is None):
                 raise ValueError("give exactly one of buffer_per_task and buffer_total (set the other to null)")
             return self
+
+    def __init__(self, params, ctx):
+        tasks = len(ctx.scenario or ())
+        if params.buffer_total is not None and tasks and params.buffer_total < tasks:
+            raise ConfigError(f"method.buffer_total={params.buffer_total} leaves no sample for some of the scenario's {tasks} tasks "
+                              f"(shared equally); set buffer_total >= {tasks} or use buffer_per_task")
+        super().__init__(params, ctx)
 
     def make_plugins(self):
         p = self.params

@@ -210,8 +210,8 @@ class ContinualStrategy(Method):
         return torch.cat([out[:, lo:lo + k], out[:, :lo], out[:, lo + k:seen]], 1)
 
     def training_step(self, batch: Batch) -> Dict[str, torch.Tensor]:
-        """Cross-entropy of the current batch plus any replayed samples (each through its own task's head), plus the
-        plugins' loss terms on the network's output for that input."""
+        """Cross-entropy of the current batch plus any replayed samples (each through its own task's head), plus
+        :meth:`regulariser` and the plugins' loss terms on the network's output for that input."""
         t = self.stage.task
         x, y, tasks = batch.x, batch.y, torch.full_like(batch.y, t)
         replayed = 0
@@ -222,19 +222,30 @@ class ContinualStrategy(Method):
                 replayed += len(extra[1])
         out = self.net(x)
         ce = F.cross_entropy(self.head_logits(out, tasks), self.head_targets(y, tasks))
+        losses = self.add_loss_terms(ce, x, out, tasks)
+        if replayed:
+            losses["replayed"] = torch.tensor(float(replayed))
+        return losses
+
+    def add_loss_terms(self, ce: torch.Tensor, x: torch.Tensor, out: torch.Tensor, tasks: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The step's losses: ``ce`` plus :meth:`regulariser` (``reg``) plus each plugin's term (under its name);
+        ``loss`` is their sum. The one rule every strategy's ``training_step`` follows."""
         losses = {"ce": ce.detach()}
         total = ce
+        reg = self.regulariser()
+        if reg is not None:
+            total = total + reg
+            losses["reg"] = reg.detach()
         for p in self.plugins:
             term = p.loss(self, x, out, tasks)
             if term is not None:
                 total = total + term
                 losses[p.name] = term.detach()
         losses["loss"] = total
-        if replayed:
-            losses["replayed"] = torch.tensor(float(replayed))
         return losses
 
     def regulariser(self) -> Optional[torch.Tensor]:
+        """A loss term on the strategy's own state (e.g. ImpressLearn's coefficient norm), added at every step."""
         return None
 
     # ---- evaluation ----------------------------------------------------------------------------------------
@@ -340,13 +351,21 @@ class SupermaskStrategy(ContinualStrategy):
         with self.net.using(source, task=self.bn_slot(t)):
             return self.net(x)
 
+    def __init__(self, params: ContinualParams, ctx: MethodContext):
+        super().__init__(params, ctx)
+        from ..errors import ConfigError
+        from .plugins import ContinualPlugin
+
+        for p in self.plugins:  # a stored mask is frozen: replaying an earlier task's samples cannot change it
+            if type(p).replay_batch is not ContinualPlugin.replay_batch:
+                raise ConfigError(f"{type(self).__name__}: plugin {p.name!r} replays samples, but a supermask strategy trains only "
+                                  "the current task's mask (earlier masks are frozen); drop the plugin or use a dense strategy")
+
     def training_step(self, batch: Batch) -> Dict[str, torch.Tensor]:
         # every output is trained: with a superfluous-neuron head the extra logits are pushed down (SupSup GNu)
-        ce = F.cross_entropy(self.task_logits(batch.x, self.training_source(), self.stage.task), batch.y)
-        reg = self.regulariser()
-        if reg is None:
-            return {"loss": ce, "ce": ce.detach()}
-        return {"loss": ce + reg, "ce": ce.detach(), "reg": reg.detach()}
+        out = self.task_logits(batch.x, self.training_source(), self.stage.task)
+        ce = F.cross_entropy(out, batch.y)
+        return self.add_loss_terms(ce, batch.x, out, torch.full_like(batch.y, self.stage.task))
 
     def after_task(self, t: int) -> None:
         for p in self.plugins:

@@ -29,6 +29,7 @@ class TaskData:
     train: ArrayDataset
     test: ArrayDataset
     num_classes: int
+    classes: Optional[tuple] = None  # the dataset's class id of each task label (split); None: the labels are the dataset's own
 
 
 def _permute(ds: ArrayDataset, perm: torch.Tensor) -> ArrayDataset:
@@ -83,7 +84,7 @@ def split(data: DataSplits, num_tasks: int = 5, class_order_seed: Optional[int] 
     if class_order_seed is not None:
         order, k = np.random.RandomState(class_order_seed).permutation(n).tolist(), n // num_tasks
         tasks = class_partition([order[k * i: k * (i + 1)] for i in range(num_tasks)], n)
-    return [TaskData(t.name, t.select(data.train), t.select(data.test), t.num_classes) for t in tasks]
+    return [TaskData(t.name, t.select(data.train), t.select(data.test), t.num_classes, t.classes) for t in tasks]
 
 
 def build_scenario(name: str, data: DataSplits, **kwargs) -> List[TaskData]:

@@ -4,7 +4,9 @@ NaN stop as ``kbricks train``; after each task every seen task is evaluated (the
 task inference is measured when the task id is withheld.
 
 Run directory: the usual files (config.yaml, env.json, metrics.jsonl with one row per epoch and per finished task,
-summary.csv, ckpt/last.pt, results.json, model.json + model.safetensors, plots/) plus accuracy_matrix.csv.
+summary.csv, ckpt/last.pt, results.json, model.json + model.safetensors, plots/) plus accuracy_matrix.csv. The
+plugins' state (ER's buffer of training samples, LwF's teacher, EWC's Fisher) is in ckpt/last.pt only, never in
+model.safetensors.
 Checkpoints are written after every task; resume continues after the last finished task, and the resumed run is
 identical to an uninterrupted one (randomness is derived from the seed, task, stage and epoch). Opening the run
 directory, resume rules and recording the config are the run lifecycle's (:mod:`kbricks.engine.run`).
@@ -154,7 +156,7 @@ class ContinualTrainer:
         }
 
     def export(self, result: Dict[str, Any]) -> None:
-        tensors = flat_state(self.strategy.state_dict())
+        tensors = deployable_state(self.strategy.state_dict())
         metrics = {k: v for k, v in result.items() if k != "accuracy_matrix"}
         self.state.card = write_model_card(self.run, self.exp, self.strategy, tensors, "kbricks-supermask-v1",
                                            "supermask" if self.strategy.masked else "dense", metrics)
@@ -174,6 +176,13 @@ def flat_state(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         else:
             out[k] = v
     return out
+
+
+def deployable_state(state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """What ``model.safetensors`` holds: :func:`flat_state` without the plugins' state. A plugin keeps training
+    material (ER: raw training samples; LwF: the previous network; EWC: the Fisher and anchor), which the checkpoint
+    keeps for resuming but a model to hand on must not carry."""
+    return {k: v for k, v in flat_state(state).items() if not k.startswith("plugins.")}
 
 
 def trial_batch(data: TaskData, seed: int, n_img: int, task: int, trial: int) -> torch.Tensor:

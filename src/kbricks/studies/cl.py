@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..continual.impresslearn import spread
+from ..continual.impresslearn import recipe_overrides, spread
 from ..core.plots import figure_api, save_figure
 from ..core.stats import fmt, mean_std
 from ..engine.sweep import train_or_reuse
@@ -183,7 +183,7 @@ def run_cl_study(seeds: Sequence[int], out: Path, quick: bool = False, log: Call
                 else:  # learns its own impressions on the first k tasks (top 25 % by raw score), as the authors' MNIST code
                     over, tasks = ["method.source=heterogeneous", "method.per_task=1", "method.seed_tasks=refit"], list(range(k))
                     name = f"il-first_k-k{k}-authors_mnist-seed{seed}"
-                r = compact(train(f"impresslearn/{recipe}", spec.impresslearn, name, common + over + [f"method.recipe={recipe}"]))
+                r = compact(train(f"impresslearn/{recipe}", spec.impresslearn, name, common + over + recipe_overrides(recipe) + [f"method.recipe={recipe}"]))
                 new = [j for j in range(T) if j not in tasks]
                 r.update(k=k, impression_tasks=tasks, new_acc=sum(r["final_accs"][j] for j in new) / len(new) if new else None,
                          supsup_new_acc=sum(sup["final_accs"][j] for j in new) / len(new) if new else None)

@@ -109,7 +109,6 @@ def _kd_edit(entries: List[Dict[str, Any]]) -> Callable[[Dict[str, Any]], None]:
     return edit
 
 
-@torch.no_grad()
 def run_library_study(dataset: str, seeds: Sequence[int], out: Path, quick: bool = False, log: Callable[[str], None] = print,
                       configs: Optional[Path] = None) -> Dict[str, Any]:
     if dataset not in LIBRARY_DATASETS:

@@ -27,8 +27,8 @@ test-slow: $(STAMP)
 # student; SupSup vs ImpressLearn on PermutedMNIST-5k and RotatedMNIST-5k; SSKT vs KD/DML/MAXL; 3 seeds each) in
 # parallel single-threaded worker processes (one per core; WORKERS=N to choose) and writes REPRODUCTION-quick.md;
 # then the digits bricks are assembled from the brick store without fine-tuning and scored against the teacher
-# (18.0 min from a fresh clone on 2 idle cores with the reference DCI of issue 22; the quick dSprites study now fits
-# DCI's trees on 500 codes with 20 rounds (issue 25): estimated 9.3-10.1 min, not yet re-measured; README).
+# (9.6 min on 2 cores, 2026-12-04: the quick dSprites study fits DCI's trees on 500 codes with 20 rounds; 18.0 min
+# before, with the reference DCI budget; README).
 # The wall time goes to runs/demo/demo-time.json (and the bench table).
 DEMO := runs/demo
 DEMO_BRICKS := $(DEMO)/runs-quick/kf/digits/kf-seed0/bricks

@@ -336,6 +336,7 @@ if __name__ == "__main__":
         saved = json.loads(path.read_text())
         refresh_demo(saved["results"])
         path.write_text(json.dumps(saved, indent=2))
-        render(saved["results"], saved["meta"], saved.get("measured"))
+        old_saved = committed()  # the regression section compares with the committed file, as a full run does
+        render(saved["results"], saved["meta"], saved.get("measured"), old_saved.get("results", {}), None, old_saved.get("meta", {}))
     else:
         main()

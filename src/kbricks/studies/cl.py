@@ -411,7 +411,7 @@ CL_CLAIMS: List[Claim] = [
           "heterogeneous impressions spread over the sequence, tasks that are not impressions, within 2 points of SupSup; the authors' "
           "first-k choice shown beside)", lambda r: cl_combination(r, "rotated", 10)),
     Claim("ImpressLearn", "Same on unrelated tasks (rule: PermutedMNIST, 3 heterogeneous impressions spread over the sequence, the new "
-          "tasks within 2 points of SupSup; the study has 13 tasks, 10 new ones per seed; first k shown beside)",
+          "tasks within 2 points of SupSup; the study runs 13 tasks since issue 26, 10 new ones per seed, and the evidence says how many new tasks the committed runs had; first k shown beside)",
           lambda r: cl_combination(r, "permuted", 3)),
     Claim("ImpressLearn", "Enough homogeneous impressions approach heterogeneous ones (rule: RotatedMNIST at the largest k, within 2 points "
           "of the spread heterogeneous ones)", cl_homogeneous),
